@@ -1,0 +1,10 @@
+"""vitlab: train, evaluate and explain Vision Transformers on small image datasets."""
+
+from .checkpoint import load_checkpoint
+from .config import TrainConfig
+from .errors import CheckpointError, ConfigError, DataError, VitlabError
+from .model import ViT, ViTConfig
+
+__all__ = ["ViT", "ViTConfig", "TrainConfig", "load_checkpoint", "VitlabError", "ConfigError", "DataError",
+           "CheckpointError"]
+__version__ = "0.1.0"

@@ -1,0 +1,129 @@
+"""Batched augmentation on the training device: no per-image Python.
+
+RandomResizedCrop + horizontal flip use torchvision's parameter distribution
+(area scale and log-uniform aspect ratio, 10 tries, centre-crop fallback) with
+per-sample random draws, and resample with bilinear interpolation written as two
+small batched matrix products: ``out = Ry @ image @ Rx^T``. A flip is the same
+product with the rows of ``Rx`` reversed, so crop, resize and flip cost one pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def sample_crop_params(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                       tries: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (top, left, h, w) as int64 tensors, distributed as
+    ``torchvision.transforms.RandomResizedCrop.get_params``."""
+    area = height * width
+    u = torch.rand(n, tries, 2, generator=generator, device=device, dtype=torch.float64)
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    w = torch.sqrt(target_area * aspect).round().long()
+    h = torch.sqrt(target_area / aspect).round().long()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.int().argmax(dim=1)  # index of the first valid try
+    pick = first.unsqueeze(1)
+    w = w.gather(1, pick).squeeze(1)
+    h = h.gather(1, pick).squeeze(1)
+
+    # torchvision's fallback when all tries fail: a centre crop with the ratio clamped.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        fw, fh = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        fw, fh = int(round(height * ratio[1])), height
+    else:
+        fw, fh = width, height
+    any_ok = ok.any(dim=1)
+    w = torch.where(any_ok, w, torch.full_like(w, fw))
+    h = torch.where(any_ok, h, torch.full_like(h, fh))
+
+    r = torch.rand(n, 2, generator=generator, device=device, dtype=torch.float64)
+    top = torch.where(any_ok, (r[:, 0] * (height - h + 1)).floor().long(), (height - h) // 2)
+    left = torch.where(any_ok, (r[:, 1] * (width - w + 1)).floor().long(), (width - w) // 2)
+    return top, left, h, w
+
+
+def bilinear_matrix(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
+                    flip: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, out_size, in_size) matrices that resample the window [start, start+length)
+    of an axis to out_size pixels, as ``F.interpolate(mode='bilinear', align_corners=False)``
+    does on the cropped window (source index clamped to the window's edges)."""
+    b = start.shape[0]
+    device = start.device
+    o = torch.arange(out_size, device=device, dtype=torch.float32).unsqueeze(0)  # (1, O)
+    length_f = length.to(torch.float32).unsqueeze(1)
+    src = ((o + 0.5) * (length_f / out_size) - 0.5).clamp_min(0.0)
+    i0 = src.floor()
+    lam = src - i0
+    i0 = i0.long()
+    i1 = torch.minimum(i0 + 1, length.unsqueeze(1) - 1)
+    i0 = torch.minimum(i0, length.unsqueeze(1) - 1)
+    base = start.unsqueeze(1)
+    m = torch.zeros(b, out_size, in_size, device=device, dtype=torch.float32)
+    m.scatter_add_(2, (base + i0).unsqueeze(2), (1 - lam).unsqueeze(2))
+    m.scatter_add_(2, (base + i1).unsqueeze(2), lam.unsqueeze(2))
+    if flip is not None:
+        m = torch.where(flip.view(b, 1, 1), m.flip(1), m)
+    return m
+
+
+def resized_crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
+                 out_size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop each image of a float batch (B, C, H, W) to its own window, resize to
+    out_size x out_size (bilinear) and optionally mirror it."""
+    _, _, height, width = images.shape
+    ry = bilinear_matrix(top, h, height, out_size)  # (B, O, H)
+    rx = bilinear_matrix(left, w, width, out_size, flip)  # (B, O, W)
+    return ry.unsqueeze(1) @ images @ rx.transpose(1, 2).unsqueeze(1)
+
+
+class Normalize:
+    """uint8 -> float, (x/255 - mean)/std as one multiply-add."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str = "cpu"):
+        std_t = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        mean_t = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = -mean_t / std_t
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() * self.scale + self.shift
+
+
+class BatchAugment:
+    """The training-time transform of a uint8 batch: crop/flip, then normalise."""
+
+    def __init__(self, normalize: Normalize, image_size: int, crop: bool = False,
+                 crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 hflip: float = 0.0):
+        self.normalize = normalize
+        self.image_size = image_size
+        self.crop = crop
+        self.crop_scale = crop_scale
+        self.crop_ratio = crop_ratio
+        self.hflip = hflip
+
+    @property
+    def active(self) -> bool:
+        return self.crop or self.hflip > 0
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        x = images.float()
+        b, _, height, width = x.shape
+        if self.active:
+            if self.crop:
+                top, left, h, w = sample_crop_params(b, height, width, self.crop_scale, self.crop_ratio, generator, x.device)
+            else:
+                top = left = torch.zeros(b, dtype=torch.long, device=x.device)
+                h = torch.full((b,), height, dtype=torch.long, device=x.device)
+                w = torch.full((b,), width, dtype=torch.long, device=x.device)
+            flip = torch.rand(b, generator=generator, device=x.device) < self.hflip if self.hflip > 0 else None
+            x = resized_crop(x, top, left, h, w, self.image_size, flip)
+        return x * self.normalize.scale + self.normalize.shift

@@ -1,0 +1,179 @@
+"""The ``vitlab`` command. Every TrainConfig field is a kebab-case flag of ``train``,
+generated from the dataclass, so the CLI and the config can never drift apart."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import TrainConfig, load_preset, preset_names, read_preset
+from .errors import VitlabError
+
+SUBCOMMAND_ONLY = {"resume", "overwrite", "preset", "quiet", "debug"}
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(fn):
+    """Turn user-caused errors into one line on stderr (tracebacks with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = kwargs.pop("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except VitlabError as e:
+            if debug:
+                traceback.print_exc()
+            _fail(str(e))
+        except OSError as e:
+            if debug:
+                traceback.print_exc()
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            hint = " — the disk is full; free space and resume with --resume" if e.errno == errno.ENOSPC else ""
+            _fail(f"{e.strerror or e}{where}{hint}")
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return click.option("--debug", is_flag=True, help="show full tracebacks for errors")(wrapper)
+
+
+def _config_options(fn):
+    """One click option per TrainConfig field; None means 'not given' so presets apply."""
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        flag = f.name.replace("_", "-")
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text += f"  [default: {list(default) if isinstance(default, tuple) else default}]"
+        ann = str(f.type)
+        if ann.startswith("bool"):
+            opt = click.option(f"--{flag}/--no-{flag}", f.name, default=None, help=help_text)
+        elif ann.startswith("tuple"):
+            opt = click.option(f"--{flag}", f.name, type=(float, float), default=None, metavar="MIN MAX", help=help_text)
+        elif "choices" in f.metadata:
+            opt = click.option(f"--{flag}", f.name, type=click.Choice(f.metadata["choices"]), default=None, help=help_text)
+        else:
+            kind = int if ann.startswith("int") else float if ann.startswith("float") else str
+            opt = click.option(f"--{flag}", f.name, type=kind, default=None, help=help_text)
+        fn = opt(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="vitlab")
+def cli() -> None:
+    """Train, evaluate and explain Vision Transformers on small image datasets.
+
+    \b
+    vitlab train                                   # the embedded digits dataset, about a minute on a CPU
+    vitlab train --preset reference-cifar10 --data-dir ~/data
+    vitlab train --dataset mnist --epochs 5 --depth 6 --dim 128
+    vitlab evaluate runs/<run>/best
+    vitlab predict runs/<run>/best cat.png ship.jpg
+    vitlab presets
+    """
+
+
+@cli.command()
+@click.option("--preset", help=f"start from a named preset (see `vitlab presets`): {', '.join(preset_names())}")
+@click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="continue the run in this folder from its last checkpoint")
+@click.option("--overwrite", is_flag=True, help="replace an existing run folder of the same --name")
+@click.option("--quiet", is_flag=True, help="no progress bars")
+@_config_options
+@friendly_errors
+def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool, **overrides: Any) -> None:
+    """Train a ViT; with no options, on the embedded digits dataset.
+
+    A preset plus any field overrides describes the run; the run folder
+    <out>/<dataset>-<timestamp>/ receives checkpoints (best/, last/), metrics.csv,
+    results.md, loss_curve.png and predictions.png.
+    """
+    from .train import train as run_training
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if resume is not None:
+        allowed = {"device", "threads", "log_every"}
+        extra = sorted(set(given) - allowed) + (["--preset"] if preset else [])
+        if extra:
+            raise VitlabError(f"--resume continues a run with its saved config; drop {', '.join(e if e.startswith('--') else '--' + e.replace('_', '-') for e in extra)}")
+        base = TrainConfig().replace(**given)
+        run_training(base, resume=resume, progress=not quiet)
+        return
+    base = load_preset(preset) if preset else TrainConfig()
+    cfg = base.replace(**given).validate()
+    run_training(cfg, overwrite=overwrite, progress=not quiet)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--data-dir", help="where the dataset is (default: as in the run's config)")
+@click.option("--download/--no-download", default=None, help="download the dataset if missing")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
+@click.option("--batch-size", type=int, default=1024, show_default=True, help="evaluation batch size")
+@friendly_errors
+def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, device: str, batch_size: int) -> None:
+    """Loss and accuracy of a checkpoint on the train, val and test splits."""
+    from .predict import evaluate_checkpoint
+    from .report import results_table
+
+    results = evaluate_checkpoint(checkpoint, data_dir=data_dir, download=download, device=device, batch_size=batch_size)
+    click.echo(results_table(results))
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="classes to show per image")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
+@friendly_errors
+def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str) -> None:
+    """Top-k classes with probabilities for each image file."""
+    from .predict import predict_files
+
+    failures = 0
+    for path, outcome in predict_files(checkpoint, images, top_k=top_k, device=device):
+        if isinstance(outcome, str):
+            failures += 1
+            click.secho(f"{path}: error: {outcome}", fg="red", err=True)
+        else:
+            click.echo(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in outcome))
+    if failures:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("name", required=False)
+@friendly_errors
+def presets(name: str | None) -> None:
+    """List the shipped presets, or show one in full."""
+    if name:
+        description, overrides = read_preset(name)
+        full = load_preset(name).to_dict()
+        click.echo(f"# {name}: {description}")
+        for key, value in full.items():
+            mark = "" if key in overrides else "   # default"
+            click.echo(f"{key}: {value}{mark}")
+        return
+    for n in preset_names():
+        description, overrides = read_preset(n)
+        click.echo(click.style(n, bold=True) + f"  {description}")
+        shown = ", ".join(f"{k}={v}" for k, v in overrides.items() if k != "dataset")
+        click.echo(f"    dataset={overrides.get('dataset', TrainConfig.dataset)}: {shown}")
+
+
+def main() -> None:
+    cli(prog_name="vitlab")
+
+
+if __name__ == "__main__":
+    main()

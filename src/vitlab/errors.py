@@ -1,0 +1,22 @@
+"""The project's own error types.
+
+Anything a user can cause (bad config, missing or corrupt data, a damaged
+checkpoint) raises a subclass of :class:`VitlabError`; the CLI prints its
+message on one line instead of a traceback.
+"""
+
+
+class VitlabError(Exception):
+    """Base class for errors caused by input, not by a bug."""
+
+
+class ConfigError(VitlabError):
+    """A configuration value is invalid or inconsistent."""
+
+
+class DataError(VitlabError):
+    """A dataset is missing, unreadable or malformed."""
+
+
+class CheckpointError(VitlabError):
+    """A checkpoint is missing, damaged or incompatible."""

@@ -1,0 +1,250 @@
+"""The Vision Transformer (Dosovitskiy et al. 2020), small enough to read in one sitting.
+
+Structure follows timm's ``vision_transformer.py``: ``PatchEmbed`` -> class token
+and learned positional embedding -> ``depth`` pre-norm ``Block``s (``Attention``
++ ``Mlp``) -> final LayerNorm -> linear head on the class token (or the mean of
+the patch tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+
+@dataclass
+class ViTConfig:
+    """Everything needed to rebuild a ViT; stored as JSON beside its weights."""
+
+    image_size: int = 32
+    channels: int = 3
+    num_classes: int = 10
+    patch_size: int = 4
+    depth: int = 12
+    heads: int = 8
+    dim: int = 256
+    mlp_dim: int = 512
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    pool: Literal["cls", "mean"] = "cls"
+    patch_embed: Literal["conv", "linear"] = "conv"
+    # "sdpa": torch.nn.functional.scaled_dot_product_attention; "explicit":
+    # softmax(q k^T) v as matrix products. Both compute the same function;
+    # which is faster depends on device and precision (see benchmarks/).
+    attention: Literal["sdpa", "explicit"] = "sdpa"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        for name in ("image_size", "channels", "num_classes", "patch_size", "depth", "heads", "dim", "mlp_dim"):
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        if self.num_classes < 2:
+            raise ConfigError(f"a classifier needs at least 2 classes, got {self.num_classes}")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"patch-size {self.patch_size} does not divide image-size {self.image_size}; "
+                f"choose one of {[p for p in range(1, self.image_size + 1) if self.image_size % p == 0]}"
+            )
+        if self.dim % self.heads:
+            raise ConfigError(f"heads {self.heads} does not divide dim {self.dim}; dim must be a multiple of heads")
+        for name in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.pool not in ("cls", "mean"):
+            raise ConfigError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if self.patch_embed not in ("conv", "linear"):
+            raise ConfigError(f"patch-embed must be 'conv' or 'linear', got {self.patch_embed!r}")
+        if self.attention not in ("sdpa", "explicit"):
+            raise ConfigError(f"attention must be 'sdpa' or 'explicit', got {self.attention!r}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ViTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into non-overlapping patches and project each to ``dim``.
+
+    ``conv`` and ``linear`` are the same linear map (a strided convolution is a
+    matmul over flattened patches); both are offered because their speed differs.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.kind = cfg.patch_embed
+        patch_dim = cfg.channels * cfg.patch_size**2
+        if self.kind == "conv":
+            self.proj = nn.Conv2d(cfg.channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        else:
+            self.proj = nn.Linear(patch_dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, dim)
+        if self.kind == "conv":
+            return self.proj(x).flatten(2).transpose(1, 2)
+        b, c, h, w = x.shape
+        p = self.patch_size
+        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+        return self.proj(x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused QKV projection."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.heads = cfg.heads
+        self.head_dim = cfg.dim // cfg.heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.attn_dropout = cfg.attn_dropout
+        self.proj_drop = nn.Dropout(cfg.dropout)
+        self.use_sdpa = cfg.attention == "sdpa"
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        p_drop = self.attn_dropout if self.training else 0.0
+        attn = None
+        if self.use_sdpa and not return_attention:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = attn.softmax(dim=-1)
+            out = F.dropout(attn, p_drop, self.training) @ v
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
+        return out, attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer encoder block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.attn = Attention(cfg)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.mlp = Mlp(cfg)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        a, attn = self.attn(self.norm1(x), return_attention)
+        x = x + a
+        x = x + self.mlp(self.norm2(x))
+        return x, attn
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        # The class token exists only when it feeds the head.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
+        num_tokens = cfg.num_patches + (1 if cfg.pool == "cls" else 0)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, cfg.dim))
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """ViT/timm init: truncated normal (std 0.02) for linear layers and
+        embeddings, zero biases, and a zero head so every class starts equal."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Patch projection: LeCun-normal over its fan-in, as in the JAX original.
+        w = self.patch_embed.proj.weight
+        fan_in = w[0].numel()
+        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward_features(self, x: torch.Tensor, return_attention: bool = False):
+        x = self.patch_embed(x)
+        if self.cfg.pool == "cls":
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = self.pos_drop(x + self.pos_embed.to(x.dtype))
+        attentions = []
+        for block in self.blocks:
+            x, attn = block(x, return_attention)
+            if return_attention:
+                attentions.append(attn)
+        x = self.norm(x)
+        x = x[:, 0] if self.cfg.pool == "cls" else x.mean(dim=1)
+        return x, attentions
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        """Logits of shape (B, num_classes); with ``return_attention`` also a list
+        with one (B, heads, tokens, tokens) attention map per layer."""
+        feats, attentions = self.forward_features(x, return_attention)
+        logits = self.head(feats)
+        return (logits, attentions) if return_attention else logits
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay matrices, not biases, norms or embeddings (nanoGPT's rule)."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def flops_per_image(cfg: ViTConfig, training: bool = True) -> float:
+    """Matmul FLOPs for one image (2 per multiply-add), x3 for a training step
+    (forward + backward), as in nanoGPT's MFU estimate. Elementwise work is ignored."""
+    n = cfg.num_patches + (1 if cfg.pool == "cls" else 0)
+    d, m = cfg.dim, cfg.mlp_dim
+    patch = cfg.num_patches * cfg.channels * cfg.patch_size**2 * d
+    per_block = n * (3 * d * d + d * d + 2 * d * m) + 2 * n * n * d  # projections, MLP, QK^T and AV
+    macs = patch + cfg.depth * per_block + d * cfg.num_classes
+    return 2.0 * macs * (3.0 if training else 1.0)

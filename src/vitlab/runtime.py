@@ -1,0 +1,69 @@
+"""Choosing the device, precision and attention kernel for the hardware at hand."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .errors import ConfigError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine (try --device cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively (and so faster than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type == "mps":
+            raise ConfigError("--precision bf16 is not supported on MPS; use fp32")
+        return torch.bfloat16
+    return torch.bfloat16 if native_bf16(device) else None
+
+
+def resolve_attention(attention: str, device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    """'auto' picks the kernel measured fastest (benchmarks/train_step.py): on CPU
+    under bf16 autocast, SDPA falls back to a slow path and explicit matmuls win."""
+    if attention != "auto":
+        return attention
+    if device.type == "cpu" and amp_dtype is not None:
+        return "explicit"
+    return "sdpa"
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,377 @@
+"""Training: the whole dataset on the device as uint8, batches drawn by index and
+augmented there, AdamW with warmup + cosine, metrics accumulated on the device
+and read once per log interval, checkpoints that resume bit-exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+import shutil
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm.auto import tqdm
+
+from . import report
+from .augment import BatchAugment, Normalize
+from .checkpoint import (CheckpointMeta, atomic_write_text, intact_checkpoints, load_state, load_weights,
+                         save_checkpoint)
+from .config import TrainConfig
+from .data import DatasetSplits, ImageSet, load_dataset
+from .errors import CheckpointError, ConfigError, VitlabError
+from .model import ViT, ViTConfig, flops_per_image
+from .runtime import autocast, resolve_attention, resolve_device, resolve_precision, synchronize
+
+
+class TrainingInterrupted(VitlabError):
+    """Raised after a SIGINT/SIGTERM once the last checkpoint is safely written."""
+
+
+class NonFiniteLoss(VitlabError):
+    """The loss became NaN or Inf."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    results: dict[str, tuple[float, float]]  # split -> (loss, accuracy)
+    epochs: int
+    seconds: float
+
+
+# ------------------------------------------------------------------- helpers
+
+def default_patch_size(image_size: int) -> int:
+    return 4 if image_size >= 16 else 2
+
+
+def build_model_config(cfg: TrainConfig, data: DatasetSplits, attention: str) -> ViTConfig:
+    image_size = data.image_size
+    patch = cfg.patch_size or default_patch_size(image_size)
+    if image_size % patch:
+        raise ConfigError(f"--patch-size {patch} does not divide the image size {image_size} of {cfg.dataset}; "
+                          f"choose one of {[p for p in range(1, image_size + 1) if image_size % p == 0]} or set --image-size")
+    return ViTConfig(image_size=image_size, channels=data.channels, num_classes=len(data.classes), patch_size=patch,
+                     depth=cfg.depth, heads=cfg.heads, dim=cfg.dim, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
+                     attn_dropout=cfg.attn_dropout, pool=cfg.pool, patch_embed=cfg.patch_embed, attention=attention)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``total_steps``."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+    """The shuffled sample order of an epoch: a pure function of (seed, epoch), so a
+    resumed run draws exactly the batches the uninterrupted one would have."""
+    g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalize: Normalize, batch_size: int,
+                   device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """Logits (fp32, on ``device``) for a uint8 image tensor, in large eval batches."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i: i + batch_size].to(device, non_blocking=True))
+        with autocast(device, amp_dtype):
+            out.append(model(x).float())
+    return torch.cat(out) if out else torch.empty(0, device=device)
+
+
+def evaluate(model: torch.nn.Module, data: ImageSet, normalize: Normalize, batch_size: int, device: torch.device,
+             amp_dtype: torch.dtype | None) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on a split, without augmentation or label smoothing."""
+    logits = predict_logits(model, data.images, normalize, batch_size, device, amp_dtype)
+    labels = data.labels.to(device)
+    loss = F.cross_entropy(logits, labels).item()
+    acc = (logits.argmax(1) == labels).float().mean().item()
+    return loss, acc
+
+
+def new_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
+    name = cfg.name or f"{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.out).expanduser() / name
+    if run_dir.exists():
+        if not overwrite:
+            raise ConfigError(f"run folder {run_dir} already exists; pass --overwrite to replace it or --name to choose another")
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir(parents=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create run folder {run_dir}: {e.strerror}") from None
+    return run_dir
+
+
+@contextmanager
+def stop_on_signals():
+    """First SIGINT/SIGTERM sets a flag the loop checks at each step boundary; a
+    second SIGINT raises KeyboardInterrupt at once."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(int(x) for x in state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _write_metrics(path: Path, rows: list[dict]) -> None:
+    lines = [",".join(report.METRIC_FIELDS)]
+    for r in rows:
+        lines.append(",".join(_fmt(r[k]) for k in report.METRIC_FIELDS))
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _fmt(v) -> str:
+    return str(v) if isinstance(v, int) else repr(float(v))
+
+
+# --------------------------------------------------------------------- train
+
+def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, overwrite: bool = False,
+          progress: bool = True, log: Callable[[str], None] | None = None,
+          _stop_after_steps: int | None = None) -> RunResult:
+    """Train a ViT as ``cfg`` says (or continue the run folder ``resume``) and write its report.
+
+    ``_stop_after_steps`` simulates an interruption after that many optimizer
+    steps (tests use it to check that resuming is exact).
+    """
+    log = log or (lambda s: tqdm.write(s))
+    wall_start = time.perf_counter()
+
+    # ---- configuration and run folder
+    state = None
+    if resume is not None:
+        run_dir = Path(resume).expanduser()
+        if not (run_dir / "config.yaml").is_file():
+            raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml); pass the folder `vitlab train` created")
+        saved = TrainConfig.load_yaml(run_dir / "config.yaml")
+        cfg = saved if cfg is None else saved.replace(device=cfg.device, threads=cfg.threads, log_every=cfg.log_every)
+        cfg.validate()
+        candidates = intact_checkpoints(run_dir, "last")
+        if not candidates:
+            raise CheckpointError(f"{run_dir}: no intact checkpoint to resume from")
+        if candidates[0].name != "last":
+            log(f"note: {run_dir / 'last'} is missing or damaged; resuming from {candidates[0].name}")
+        ckpt_dir = candidates[0]
+        state = load_state(ckpt_dir)
+    else:
+        cfg = (cfg or TrainConfig()).validate()
+        run_dir = None  # created once the data has loaded, so a bad dataset leaves nothing behind
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_precision(cfg.precision, device)
+    attention = resolve_attention(cfg.attention, device, amp_dtype)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    # ---- data, resident on the device as uint8
+    data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, image_size=cfg.image_size,
+                        download=cfg.download, coarse_labels=cfg.coarse_labels, warn=log)
+    model_cfg = build_model_config(cfg, data, attention)
+    if run_dir is None:
+        run_dir = new_run_dir(cfg, overwrite)
+        cfg.save_yaml(run_dir / "config.yaml")
+    train_images = data.train.images.to(device)
+    train_labels = data.train.labels.to(device)
+    normalize = Normalize(data.mean, data.std, device)
+    augment = BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip)
+
+    # ---- model and optimizer
+    model = ViT(model_cfg).to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    step_model = torch.compile(model) if cfg.compile else model
+
+    n_train = len(data.train)
+    batch_size = min(cfg.batch_size, n_train)
+    steps_per_epoch = n_train // batch_size  # drop the ragged last batch: static shapes
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    meta = CheckpointMeta(model_cfg, data.classes, data.mean, data.std, cfg.dataset)
+    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    metrics_path = run_dir / "metrics.csv"
+    rows: list[dict] = report.read_metrics(metrics_path) if state is not None else []
+    for r in rows:
+        r["epoch"], r["step"] = int(r["epoch"]), int(r["step"])
+    start_epoch, start_batch, step, best_acc, elapsed = 0, 0, 0, -1.0, 0.0
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, seen (this epoch)
+    if state is not None:
+        load_weights(ckpt_dir, model)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, start_batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
+        best_acc, elapsed = float(state["best_val_acc"]), float(state["elapsed"])
+        sums = state["epoch_sums"].to(device)
+        aug_gen.set_state(state["aug_generator"])
+        _set_rng_state(state["rng"], device)
+        rows = rows[: int(state["metrics_rows"])]  # drop rows written after this checkpoint
+        _write_metrics(metrics_path, rows)
+        log(f"resuming {run_dir} at epoch {start_epoch + 1}, step {step}")
+
+    def training_state(epoch: int, batch: int) -> dict:
+        return {"epoch": epoch, "batch": batch, "step": step, "optimizer": optimizer.state_dict(),
+                "aug_generator": aug_gen.get_state(), "rng": _rng_state(device), "epoch_sums": sums.clone(),
+                "best_val_acc": best_acc, "metrics_rows": len(rows), "elapsed": elapsed + (time.perf_counter() - t0)}
+
+    def save_last(epoch: int, batch: int) -> None:
+        meta.extra = {"epoch": epoch, "batch": batch, "step": step}
+        save_checkpoint(run_dir / "last", model, meta, config_yaml, training_state(epoch, batch))
+
+    flops = flops_per_image(model_cfg)
+    log(f"vitlab: {cfg.dataset} {n_train}/{len(data.val)}/{len(data.test)} train/val/test images "
+        f"{data.channels}x{data.image_size}x{data.image_size}, {len(data.classes)} classes | "
+        f"ViT {model.num_params() / 1e6:.2f}M params, {model_cfg.num_patches} patches, "
+        f"{flops / 1e9:.3f} GFLOP/img/step | {device.type} {'bf16' if amp_dtype else 'fp32'} {attention} | {run_dir}")
+
+    t0 = time.perf_counter()
+    with stop_on_signals() as stop:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            order = epoch_order(n_train, cfg.seed, epoch, device)
+            first = start_batch if epoch == start_epoch else 0
+            if first == 0:
+                sums.zero_()
+            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       disable=not progress, leave=False, unit="step", dynamic_ncols=True)
+            t_epoch, seen_at_start = time.perf_counter(), first * batch_size
+            for b in range(first, steps_per_epoch):
+                lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = order[b * batch_size: (b + 1) * batch_size]
+                x = augment(train_images[idx], aug_gen)
+                y = train_labels[idx]
+                with autocast(device, amp_dtype):
+                    logits = step_model(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                step += 1
+                with torch.no_grad():
+                    sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                         torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
+                if (b + 1) % cfg.log_every == 0 or b + 1 == steps_per_epoch:
+                    loss_sum, correct, seen = sums.tolist()  # the only host sync in the loop
+                    if not math.isfinite(loss_sum):
+                        raise NonFiniteLoss(f"loss became {loss_sum} by step {step} (lr {lr:.2e}); "
+                                            f"last good checkpoint: {run_dir / 'last'}. Try a lower --lr or --grad-clip 1")
+                    rate = (seen - seen_at_start) / max(1e-9, time.perf_counter() - t_epoch)
+                    bar.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f} {rate:,.0f} img/s")
+                    bar.update((b + 1) - bar.n)
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < steps_per_epoch:
+                    save_last(epoch, b + 1)
+                stopping = stop.is_set() or (_stop_after_steps is not None and step >= _stop_after_steps)
+                if stopping and b + 1 < steps_per_epoch:  # at an epoch's end, stop after its checkpoint below
+                    save_last(epoch, b + 1)
+                    bar.close()
+                    raise TrainingInterrupted(f"stopped at epoch {epoch + 1}, step {step}; "
+                                              f"continue with: vitlab train --resume {run_dir}")
+            bar.close()
+            synchronize(device)
+            epoch_seconds = time.perf_counter() - t_epoch
+            loss_sum, correct, seen = sums.tolist()
+            if not math.isfinite(loss_sum):
+                raise NonFiniteLoss(f"loss became {loss_sum} in epoch {epoch + 1} (step {step}); "
+                                    f"last good checkpoint: {run_dir / 'last'}. Try a lower --lr")
+            val_loss, val_acc = evaluate(model, data.val, normalize, cfg.eval_batch_size, device, amp_dtype)
+            row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum / seen,
+                   "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
+            rows.append(row)
+            _write_metrics(metrics_path, rows)
+            improved = val_acc > best_acc
+            if improved:
+                best_acc = val_acc
+                meta.extra = {"epoch": epoch + 1, "step": step, "val_acc": val_acc}
+                save_checkpoint(run_dir / "best", model, meta, config_yaml)
+            save_last(epoch + 1, 0)
+            log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+                f" | val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if improved else ''}"
+                f" | {epoch_seconds:.1f}s {(seen - seen_at_start) / epoch_seconds:,.0f} img/s")
+            if stop.is_set() or (_stop_after_steps is not None and step >= _stop_after_steps):
+                if epoch + 1 < cfg.epochs:
+                    raise TrainingInterrupted(f"stopped after epoch {epoch + 1}, step {step}; "
+                                              f"continue with: vitlab train --resume {run_dir}")
+
+    train_seconds = elapsed + (time.perf_counter() - t0)
+    return finish_run(run_dir, cfg, data, model, normalize, device, amp_dtype, rows, train_seconds,
+                      time.perf_counter() - wall_start, log)
+
+
+def finish_run(run_dir: Path, cfg: TrainConfig, data: DatasetSplits, model: ViT, normalize: Normalize,
+               device: torch.device, amp_dtype: torch.dtype | None, rows: list[dict], train_seconds: float,
+               session_seconds: float, log: Callable[[str], None]) -> RunResult:
+    """Evaluate the best checkpoint on every split and write results.md and the plots."""
+    load_weights(run_dir / "best", model)
+    model.eval()
+    results = {}
+    for split, subset in (("Train", data.train), ("Val", data.val), ("Test", data.test)):
+        results[split] = evaluate(model, subset, normalize, cfg.eval_batch_size, device, amp_dtype)
+    best_epoch = max(rows, key=lambda r: r["val_acc"])["epoch"] if rows else 0
+    title = f"{cfg.dataset}: ViT {cfg.depth}x{cfg.dim}, patch {model.cfg.patch_size}"
+    report.write_results(run_dir / "results.md", title, results, {
+        "epochs": f"{len(rows)} (best val accuracy at epoch {best_epoch}; the table uses that checkpoint)",
+        "training time": f"{train_seconds:.1f} s" + (f" (this session {session_seconds:.1f} s)" if session_seconds < train_seconds else ""),
+        "validation": "the test set" if data.val_is_test else f"{len(data.val)} images held out of train (fixed seed)",
+        "model": f"{model.num_params():,} parameters, {model.cfg.num_patches} patches of {model.cfg.patch_size}x{model.cfg.patch_size}",
+        "device": f"{device.type}, {'bf16 autocast' if amp_dtype else 'fp32'}, attention {model.cfg.attention}",
+        "config": "config.yaml",
+    })
+    if rows:
+        report.plot_curves(rows, run_dir / "loss_curve.png", title)
+    n_show = min(32, len(data.test))
+    logits = predict_logits(model, data.test.images[:n_show], normalize, cfg.eval_batch_size, device, amp_dtype)
+    probs, preds = logits.softmax(1).max(1)
+    report.plot_predictions(data.test.images[:n_show], data.test.labels[:n_show], preds.cpu(), probs.cpu(),
+                            data.classes, run_dir / "predictions.png", title)
+    log("\n" + report.results_table(results) + f"\n\nresults in {run_dir}")
+    return RunResult(run_dir, results, len(rows), train_seconds)

@@ -1,0 +1,97 @@
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vitlab import ViT, ViTConfig
+from vitlab.errors import ConfigError
+from vitlab.model import flops_per_image
+
+SMALL = dict(image_size=16, channels=3, num_classes=7, patch_size=4, depth=2, heads=2, dim=32, mlp_dim=64)
+
+
+def test_logits_shape_and_zero_head():
+    model = ViT(ViTConfig(**SMALL))
+    out = model(torch.randn(5, 3, 16, 16))
+    assert out.shape == (5, 7)
+    # The head starts at zero, so every class starts equally likely.
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+@pytest.mark.parametrize("patch_embed", ["conv", "linear"])
+def test_every_parameter_gets_a_gradient(pool, patch_embed):
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(**SMALL, pool=pool, patch_embed=patch_embed))
+    torch.nn.init.normal_(model.head.weight, std=0.02)  # the zero head would block gradients to the body
+    loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    if pool == "mean":
+        assert model.pos_embed.shape[1] == 16  # no class token position
+
+
+def test_attention_weights_returned_for_every_layer():
+    model = ViT(ViTConfig(**SMALL)).eval()
+    logits, attentions = model(torch.randn(3, 3, 16, 16), return_attention=True)
+    assert len(attentions) == SMALL["depth"]
+    for a in attentions:
+        assert a.shape == (3, SMALL["heads"], 17, 17)  # 16 patches + class token
+        torch.testing.assert_close(a.sum(-1), torch.ones(3, SMALL["heads"], 17))
+        assert (a >= 0).all()
+    torch.testing.assert_close(logits, model(torch.randn(3, 3, 16, 16)) * 0 + logits)
+
+
+def test_sdpa_and_explicit_attention_compute_the_same_function():
+    torch.manual_seed(1)
+    a = ViT(ViTConfig(**SMALL, attention="sdpa")).eval()
+    b = ViT(ViTConfig(**SMALL, attention="explicit")).eval()
+    b.load_state_dict(a.state_dict())
+    torch.nn.init.normal_(a.head.weight)
+    b.head.weight.data.copy_(a.head.weight)
+    x = torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_and_linear_patch_embedding_are_the_same_map():
+    cfg = ViTConfig(**SMALL)
+    conv = ViT(cfg).patch_embed
+    lin = ViT(ViTConfig(**SMALL, patch_embed="linear")).patch_embed
+    # Conv weight (dim, C, p, p) flattened as (C, p, p) matches the linear layer's patch layout.
+    lin.proj.weight.data.copy_(conv.proj.weight.reshape(cfg.dim, -1))
+    lin.proj.bias.data.copy_(conv.proj.bias)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(conv(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_flop_estimate_matches_torch_flop_counter():
+    cfg = ViTConfig(image_size=32, channels=3, num_classes=10, patch_size=4, depth=2, heads=4, dim=64, mlp_dim=128,
+                    attention="explicit")
+    model = ViT(cfg)
+    x = torch.randn(2, 3, 32, 32)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    measured = counter.get_total_flops() / 2
+    assert measured == pytest.approx(flops_per_image(cfg, training=False), rel=0.01)
+
+
+def test_weight_decay_groups_exclude_biases_norms_and_embeddings():
+    model = ViT(ViTConfig(**SMALL))
+    decay, no_decay = model.param_groups(0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"])
+    ids = {id(p) for p in no_decay["params"]}
+    assert id(model.pos_embed) in ids and id(model.cls_token) in ids and id(model.norm.weight) in ids
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(patch_size=5), "does not divide image-size"),
+    (dict(heads=3), "does not divide dim"),
+    (dict(num_classes=1), "at least 2 classes"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(pool="max"), "pool"),
+])
+def test_invalid_model_config_is_a_config_error(bad, message):
+    with pytest.raises(ConfigError, match=message):
+        ViTConfig(**{**SMALL, **bad})
