@@ -16,6 +16,7 @@ killed at any moment leaves an intact checkpoint behind.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import CheckpointError, ConfigError
 from .model import ViT, ViTConfig
@@ -101,10 +102,13 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, meta: CheckpointMeta, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in _raw(model).state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS), metadata={"format": "vitlab", "version": str(FORMAT_VERSION)})
-        (tmp / CONFIG).write_text(config_yaml)
+        # Serialise in memory and write with plain file I/O, so a full disk is an OSError like any other.
+        _write(tmp / WEIGHTS, save(weights, metadata={"format": "vitlab", "version": str(FORMAT_VERSION)}))
+        _write(tmp / CONFIG, config_yaml.encode())
         if state is not None:
-            torch.save(state, tmp / STATE)
+            buf = io.BytesIO()
+            torch.save(state, buf)
+            _write(tmp / STATE, buf.getvalue())
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -116,10 +120,7 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, meta: CheckpointMeta, 
             "extra": meta.extra,
             "files": files,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+        _write(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
         _fsync_dir(tmp)
         prev = folder.with_name(folder.name + ".prev")
         if folder.exists():
@@ -132,6 +133,13 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, meta: CheckpointMeta, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _raw(model: torch.nn.Module) -> torch.nn.Module:

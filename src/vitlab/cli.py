@@ -30,8 +30,13 @@ def friendly_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = kwargs.pop("debug", False)
+        from .train import TrainingInterrupted
+
         try:
             return fn(*args, **kwargs)
+        except TrainingInterrupted as e:
+            click.secho(f"interrupted: {e}", fg="yellow", err=True)
+            sys.exit(130)
         except VitlabError as e:
             if debug:
                 traceback.print_exc()
@@ -106,8 +111,10 @@ def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
         extra = sorted(set(given) - allowed) + (["--preset"] if preset else [])
         if extra:
             raise VitlabError(f"--resume continues a run with its saved config; drop {', '.join(e if e.startswith('--') else '--' + e.replace('_', '-') for e in extra)}")
-        base = TrainConfig().replace(**given)
-        run_training(base, resume=resume, progress=not quiet)
+        saved = resume / "config.yaml"
+        if not saved.is_file():
+            raise VitlabError(f"{resume}: not a run folder (no config.yaml); pass the folder `vitlab train` created")
+        run_training(TrainConfig.load_yaml(saved).replace(**given), resume=resume, progress=not quiet)
         return
     base = load_preset(preset) if preset else TrainConfig()
     cfg = base.replace(**given).validate()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
+import http.client
 import os
 import pickle
 import tarfile
@@ -131,7 +131,7 @@ def download_file(remote: RemoteFile, folder: Path, attempts: int = 2, timeout: 
                     continue
                 os.replace(tmp, final)
                 return final
-            except (urllib.error.URLError, OSError, ValueError) as e:  # ValueError: bad URL / content length
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:  # e.g. IncompleteRead
                 errors.append(f"{url}: {getattr(e, 'reason', e)}")
             finally:
                 tmp.unlink(missing_ok=True)

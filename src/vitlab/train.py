@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import report
 from .augment import BatchAugment, Normalize
 from .checkpoint import (CheckpointMeta, atomic_write_text, intact_checkpoints, load_state, load_weights,
-                         save_checkpoint)
+                         read_meta, save_checkpoint)
 from .config import TrainConfig
 from .data import DatasetSplits, ImageSet, load_dataset
 from .errors import CheckpointError, ConfigError, VitlabError
@@ -69,7 +69,8 @@ def build_model_config(cfg: TrainConfig, data: DatasetSplits, attention: str) ->
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
-    """Linear warmup to ``lr``, then cosine decay to ``min_lr`` at ``total_steps``."""
+    """Linear warmup to ``lr``, then cosine decay to ``min(min_lr, lr)`` at ``total_steps``."""
+    min_lr = min(min_lr, lr)
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
@@ -176,6 +177,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
           _stop_after_steps: int | None = None) -> RunResult:
     """Train a ViT as ``cfg`` says (or continue the run folder ``resume``) and write its report.
 
+    With ``resume``, ``cfg`` defaults to the run's saved config.
+
     ``_stop_after_steps`` simulates an interruption after that many optimizer
     steps (tests use it to check that resuming is exact).
     """
@@ -188,9 +191,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
         run_dir = Path(resume).expanduser()
         if not (run_dir / "config.yaml").is_file():
             raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml); pass the folder `vitlab train` created")
-        saved = TrainConfig.load_yaml(run_dir / "config.yaml")
-        cfg = saved if cfg is None else saved.replace(device=cfg.device, threads=cfg.threads, log_every=cfg.log_every)
-        cfg.validate()
+        # The run's own config; a caller may pass it back with runtime fields changed (device, threads).
+        cfg = (cfg or TrainConfig.load_yaml(run_dir / "config.yaml")).validate()
         candidates = intact_checkpoints(run_dir, "last")
         if not candidates:
             raise CheckpointError(f"{run_dir}: no intact checkpoint to resume from")
@@ -241,13 +243,14 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     rows: list[dict] = report.read_metrics(metrics_path) if state is not None else []
     for r in rows:
         r["epoch"], r["step"] = int(r["epoch"]), int(r["step"])
-    start_epoch, start_batch, step, best_acc, elapsed = 0, 0, 0, -1.0, 0.0
+    start_epoch, start_batch, step, best_acc, elapsed, lr_scale = 0, 0, 0, -1.0, 0.0, 1.0
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, seen (this epoch)
     if state is not None:
         load_weights(ckpt_dir, model)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
         best_acc, elapsed = float(state["best_val_acc"]), float(state["elapsed"])
+        lr_scale = float(state.get("lr_scale", 1.0))
         sums = state["epoch_sums"].to(device)
         aug_gen.set_state(state["aug_generator"])
         _set_rng_state(state["rng"], device)
@@ -258,9 +261,26 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     def training_state(epoch: int, batch: int) -> dict:
         return {"epoch": epoch, "batch": batch, "step": step, "optimizer": optimizer.state_dict(),
                 "aug_generator": aug_gen.get_state(), "rng": _rng_state(device), "epoch_sums": sums.clone(),
-                "best_val_acc": best_acc, "metrics_rows": len(rows), "elapsed": elapsed + (time.perf_counter() - t0)}
+                "best_val_acc": best_acc, "metrics_rows": len(rows), "elapsed": elapsed + (time.perf_counter() - t0),
+                "lr_scale": lr_scale}
+
+    # The first step whose loss was NaN/Inf, tracked on the device so that the
+    # hot loop needs no host sync; read at log intervals and before every save.
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    step_on_device = torch.full((), step, dtype=torch.long, device=device)
+
+    def raise_if_nonfinite() -> None:
+        bad = int(bad_step)
+        if bad < 0:
+            return
+        last = run_dir / "last"
+        good = f"{last} (step {read_meta(last, verify=False).extra.get('step')})" if (last / "model.json").is_file() else "none yet"
+        raise NonFiniteLoss(f"loss became NaN/Inf at step {bad} (lr {lr_scale * lr_at(bad - 1, total_steps, warmup_steps, cfg.lr, cfg.min_lr):.2e}); "
+                            f"training stopped. Last good checkpoint: {good}. Retry with a lower --lr, "
+                            f"--grad-clip 1, or --on-nonfinite skip")
 
     def save_last(epoch: int, batch: int) -> None:
+        raise_if_nonfinite()  # never overwrite a good checkpoint with poisoned weights
         meta.extra = {"epoch": epoch, "batch": batch, "step": step}
         save_checkpoint(run_dir / "last", model, meta, config_yaml, training_state(epoch, batch))
 
@@ -282,7 +302,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
                        disable=not progress, leave=False, unit="step", dynamic_ncols=True)
             t_epoch, seen_at_start = time.perf_counter(), first * batch_size
             for b in range(first, steps_per_epoch):
-                lr = lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+                lr = lr_scale * lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 idx = order[b * batch_size: (b + 1) * batch_size]
@@ -292,6 +312,12 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
                     logits = step_model(x)
                     loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
+                if cfg.on_nonfinite == "skip" and not torch.isfinite(loss):  # host sync, only with this option
+                    lr_scale *= 0.5
+                    log(f"step {step + 1}: loss is {loss.item()}; skipped the batch, learning rate now x{lr_scale:g}")
+                    continue
+                step_on_device += 1
+                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_on_device, bad_step)
                 loss.backward()
                 if cfg.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -301,10 +327,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
                     sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                          torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
                 if (b + 1) % cfg.log_every == 0 or b + 1 == steps_per_epoch:
-                    loss_sum, correct, seen = sums.tolist()  # the only host sync in the loop
-                    if not math.isfinite(loss_sum):
-                        raise NonFiniteLoss(f"loss became {loss_sum} by step {step} (lr {lr:.2e}); "
-                                            f"last good checkpoint: {run_dir / 'last'}. Try a lower --lr or --grad-clip 1")
+                    raise_if_nonfinite()
+                    loss_sum, correct, seen = sums.tolist()  # with the line above, the only host syncs in the loop
                     rate = (seen - seen_at_start) / max(1e-9, time.perf_counter() - t_epoch)
                     bar.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f} {rate:,.0f} img/s")
                     bar.update((b + 1) - bar.n)
@@ -319,10 +343,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
             bar.close()
             synchronize(device)
             epoch_seconds = time.perf_counter() - t_epoch
+            raise_if_nonfinite()
             loss_sum, correct, seen = sums.tolist()
-            if not math.isfinite(loss_sum):
-                raise NonFiniteLoss(f"loss became {loss_sum} in epoch {epoch + 1} (step {step}); "
-                                    f"last good checkpoint: {run_dir / 'last'}. Try a lower --lr")
             val_loss, val_acc = evaluate(model, data.val, normalize, cfg.eval_batch_size, device, amp_dtype)
             row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum / seen,
                    "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}

@@ -1,0 +1,110 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from vitlab.augment import BatchAugment, Normalize, resized_crop, sample_crop_params
+
+SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+
+
+def test_crop_resize_flip_matches_torchvision_pixel_for_pixel():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(48, 3, 32, 32, generator=g) * 255
+    top, left, h, w = sample_crop_params(48, 32, 32, SCALE, RATIO, g)
+    flip = torch.rand(48, generator=g) < 0.5
+    ours = resized_crop(x, top, left, h, w, 32, flip)
+    for i in range(48):
+        ref = TF.resized_crop(x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [32, 32], antialias=True)
+        if flip[i]:
+            ref = TF.horizontal_flip(ref)
+        torch.testing.assert_close(ours[i], ref, atol=1e-3, rtol=0)
+
+
+def test_non_square_input_and_output_size():
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 1, 20, 28, generator=g)
+    top, left, h, w = sample_crop_params(8, 20, 28, SCALE, RATIO, g)
+    ours = resized_crop(x, top, left, h, w, 24)
+    assert ours.shape == (8, 1, 24, 24)
+    for i in range(8):
+        ref = TF.resized_crop(x[i], int(top[i]), int(left[i]), int(h[i]), int(w[i]), [24, 24], antialias=True)
+        torch.testing.assert_close(ours[i], ref, atol=1e-5, rtol=0)
+
+
+def _stats(top, left, h, w, height, width):
+    h, w = np.asarray(h, float), np.asarray(w, float)
+    return {
+        "area": h * w / (height * width),
+        "log_aspect": np.log(w / h),
+        "top_frac": np.asarray(top, float) / np.maximum(1, height - h + 1),
+    }
+
+
+@pytest.mark.parametrize("size, scale, ratio", [((32, 32), SCALE, RATIO), ((28, 28), (0.5, 1.0), (0.8, 1.25)),
+                                                ((24, 40), (0.3, 1.0), (0.5, 2.0))])
+def test_crop_parameters_follow_torchvision_distribution(size, scale, ratio):
+    """Area fraction, aspect ratio and position: same quantiles as RandomResizedCrop.get_params."""
+    height, width = size
+    n = 20000
+    torch.manual_seed(0)
+    img = torch.zeros(1, height, width)
+    ref = [v2.RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(n)] \
+        if hasattr(v2.RandomResizedCrop, "get_params") else None
+    if ref is None:  # pragma: no cover - torchvision API fallback
+        from torchvision.transforms import RandomResizedCrop
+        ref = [RandomResizedCrop.get_params(img, list(scale), list(ratio)) for _ in range(n)]
+    r_top, r_left, r_h, r_w = map(np.array, zip(*ref))
+    top, left, h, w = sample_crop_params(n, height, width, scale, ratio, torch.Generator().manual_seed(1))
+    ours = _stats(top.numpy(), left.numpy(), h.numpy(), w.numpy(), height, width)
+    theirs = _stats(r_top, r_left, r_h, r_w, height, width)
+    for key in ours:
+        for q in (0.05, 0.25, 0.5, 0.75, 0.95):
+            a, b = np.quantile(ours[key], q), np.quantile(theirs[key], q)
+            assert abs(a - b) < 0.03 + 0.03 * abs(b), (key, q, a, b)
+    # Every crop lies inside the image and respects the bounds the sampler promises.
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+    assert ours["area"].min() >= scale[0] * 0.8 and ours["area"].max() <= 1.0
+
+
+def test_fallback_is_a_centre_crop_when_no_try_fits():
+    # An impossible scale range (>1 of the area) forces the fallback on every sample.
+    top, left, h, w = sample_crop_params(100, 32, 16, (1.5, 2.0), (1.0, 1.0), torch.Generator().manual_seed(0))
+    assert (w == 16).all() and (h == 16).all() and (top == 8).all() and (left == 0).all()
+
+
+def test_flip_rate_and_that_flips_mirror():
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(32.0).repeat(2000, 1, 32, 1)  # each row 0..31: a flip reverses it
+    aug = BatchAugment(Normalize((0.0,), (1 / 255,)), 32, crop=False, hflip=0.5)
+    out = aug(x.to(torch.uint8), g)
+    flipped = out[:, 0, 0, 0] == 31
+    assert torch.equal(out[flipped][:, 0, 0], torch.arange(31.0, -1, -1).expand(int(flipped.sum()), -1))
+    assert abs(flipped.float().mean().item() - 0.5) < 0.035  # 2000 draws: sd 0.011
+    assert torch.equal(out[~flipped], x[~flipped])
+
+
+def test_normalisation_uses_dataset_statistics():
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(512, 3, 8, 8, generator=g) * 120 + 60).round().to(torch.uint8)
+    x = images.double() / 255
+    mean, std = x.mean((0, 2, 3)).tolist(), x.std((0, 2, 3)).tolist()
+    out = Normalize(tuple(mean), tuple(std))(images)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.mean((0, 2, 3)), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std((0, 2, 3)), torch.ones(3), atol=1e-3, rtol=0)
+
+
+def test_augment_is_reproducible_from_its_generator_and_keeps_range():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    aug = BatchAugment(Normalize((0.5,) * 3, (0.25,) * 3), 32, crop=True, hflip=0.5)
+    a = aug(images, torch.Generator().manual_seed(3))
+    b = aug(images, torch.Generator().manual_seed(3))
+    c = aug(images, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    lo, hi = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25  # bilinear output stays within the input's range
+    assert a.min() >= lo - 1e-5 and a.max() <= hi + 1e-5 and a.shape == (64, 3, 32, 32)
+    assert not math.isnan(a.sum().item())

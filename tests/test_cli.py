@@ -1,0 +1,115 @@
+import dataclasses
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from vitlab.cli import cli
+from vitlab.config import TrainConfig, load_preset, preset_names
+from vitlab.data import load_digits
+
+from .test_train import digits_run  # noqa: F401  (shared session fixture)
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_help_lists_every_config_field():
+    out = run("train", "--help").output
+    for f in dataclasses.fields(TrainConfig):
+        assert f"--{f.name.replace('_', '-')}" in out, f.name
+    assert "--preset" in out and "--resume" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image-size", "8", "--patch-size", "3"], "--patch-size 3 does not divide --image-size 8"),
+    (["--dataset", "mnist", "--patch-size", "5", "--no-download", "--data-dir", "/nonexistent"], "not found"),
+    (["--dim", "100", "--heads", "3"], "--heads 3 does not divide --dim 100"),
+    (["--preset", "no-such-preset"], "unknown preset 'no-such-preset'"),
+    (["--lr", "-1"], "--lr must be positive"),
+    (["--epochs", "0"], "--epochs must be a positive integer"),
+    (["--hflip", "2"], "--hflip is a probability"),
+    (["--crop-scale", "0.5", "0.2"], "--crop-scale must satisfy"),
+    (["--device", "tpu"], "--device must be"),
+])
+def test_config_errors_are_one_clear_line(tmp_path, args, message):
+    result = run("train", "--out", str(tmp_path), "--quiet", *args)
+    assert result.exit_code == 1, result.output
+    lines = [l for l in result.output.strip().splitlines() if l]
+    assert lines[-1].startswith("error: ") and message in lines[-1], result.output
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []  # a failed start leaves no run folder
+
+
+def test_unknown_dataset_is_rejected_by_the_parser():
+    result = run("train", "--dataset", "imagenet")
+    assert result.exit_code == 2 and "imagenet" in result.output and "Traceback" not in result.output
+
+
+def test_patch_size_that_does_not_fit_the_dataset(tmp_path):
+    result = run("train", "--out", str(tmp_path), "--patch-size", "3", "--epochs", "1")
+    assert result.exit_code == 1 and "does not divide the image size 8 of digits" in result.output
+
+
+def test_presets_listing_and_detail():
+    out = run("presets").output
+    for name in ("digits", "reference-mnist", "reference-cifar10", "reference-cifar100", "quick-mnist",
+                 "quick-fashion-mnist"):
+        assert name in out and name in preset_names()
+    detail = run("presets", "reference-cifar10").output
+    assert "depth: 12" in detail and "dim: 256" in detail and "epochs: 50" in detail
+
+
+@pytest.mark.parametrize("name", ["reference-mnist", "reference-cifar10", "reference-cifar100"])
+def test_reference_presets_are_the_reference_design(name):
+    cfg = load_preset(name).validate()
+    assert (cfg.patch_size, cfg.depth, cfg.heads, cfg.dim, cfg.mlp_dim, cfg.pool) == (4, 12, 8, 256, 512, "cls")
+    assert cfg.epochs == {"reference-mnist": 5, "reference-cifar10": 50, "reference-cifar100": 25}[name]
+    if name != "reference-mnist":
+        assert cfg.crop and cfg.crop_scale == (0.08, 1.0) and cfg.hflip == 0.5
+    if name == "reference-cifar100":
+        assert cfg.val_size == 0  # the reference validated on the test set
+
+
+def test_every_preset_is_valid():
+    for name in preset_names():
+        load_preset(name).validate()
+
+
+def test_predict_and_evaluate(digits_run, tmp_path):  # noqa: F811
+    digits, classes = load_digits()
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"digit{i}.png"
+        Image.fromarray(digits.images[i, 0].numpy()).resize((32, 32)).convert("RGB").save(p)  # other size and mode
+        paths.append(str(p))
+    (tmp_path / "bad.png").write_text("not an image")
+    result = run("predict", str(digits_run / "best"), *paths, "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 3
+    for line, p in zip(lines, paths):
+        name, rest = line.split(": ", 1)
+        assert name == p
+        probs = [float(x) for x in rest.replace(",", "").split()[1::2]]
+        assert len(probs) == 2 and 0 <= probs[1] <= probs[0] <= 1
+    bad = run("predict", str(digits_run / "best"), str(tmp_path / "bad.png"))
+    assert bad.exit_code == 1 and "cannot read as an image" in bad.output
+
+    table = run("evaluate", str(digits_run / "best"), "--device", "cpu").output
+    assert "| Train |" in table and "| Test |" in table
+
+
+def test_checkpoint_errors(tmp_path):
+    result = run("evaluate", str(tmp_path / "nope"))
+    assert result.exit_code == 1 and "no such checkpoint folder" in result.output
+    (tmp_path / "fake").mkdir()
+    result = run("predict", str(tmp_path / "fake"), "x.png")
+    assert result.exit_code == 1 and "not a vitlab checkpoint" in result.output
+
+
+def test_resume_refuses_config_changes(tmp_path):
+    result = run("train", "--resume", str(tmp_path), "--epochs", "3")
+    assert result.exit_code == 1 and "drop --epochs" in result.output
