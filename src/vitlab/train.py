@@ -77,6 +77,28 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def build_optimizer(model: ViT, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the weight-decay groups."""
+    return torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=(0.9, 0.999))
+
+
+def loss_and_logits(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                    amp_dtype: torch.dtype | None, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass under autocast; the loss itself in fp32."""
+    with autocast(device, amp_dtype):
+        logits = model(x)
+    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), logits
+
+
+def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                    grad_clip: float) -> None:
+    """Backward, optional gradient-norm clipping, optimizer step (gradients already zeroed)."""
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
     """The shuffled sample order of an epoch: a pure function of (seed, epoch), so a
     resumed run draws exactly the batches the uninterrupted one would have."""
@@ -227,7 +249,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
 
     # ---- model and optimizer
     model = ViT(model_cfg).to(device)
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device)
     step_model = torch.compile(model) if cfg.compile else model
 
     n_train = len(data.train)
@@ -308,9 +330,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
                 idx = order[b * batch_size: (b + 1) * batch_size]
                 x = augment(train_images[idx], aug_gen)
                 y = train_labels[idx]
-                with autocast(device, amp_dtype):
-                    logits = step_model(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss, logits = loss_and_logits(step_model, x, y, device, amp_dtype, cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.on_nonfinite == "skip" and not torch.isfinite(loss):  # host sync, only with this option
                     lr_scale *= 0.5
@@ -318,10 +338,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
                     continue
                 step_on_device += 1
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_on_device, bad_step)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                apply_gradients(model, optimizer, loss, cfg.grad_clip)
                 step += 1
                 with torch.no_grad():
                     sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),

@@ -1,0 +1,130 @@
+"""Shared pieces of the benchmarks: peer ViTs built to the same shape, timing, the
+machine description, and appending results to RESULTS.md."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+CONFIGS = {
+    # the reference design, and a small one that trains in minutes on a CPU
+    "reference": dict(image_size=32, channels=3, num_classes=10, patch_size=4, depth=12, heads=8, dim=256, mlp_dim=512),
+    "small": dict(image_size=32, channels=3, num_classes=10, patch_size=4, depth=6, heads=4, dim=128, mlp_dim=256),
+}
+
+
+class TutorialViT(nn.Module):
+    """A ViT the way tutorials write it: nn.MultiheadAttention called with its defaults
+    (so it also computes the head-averaged attention weights)."""
+
+    def __init__(self, image_size, channels, num_classes, patch_size, depth, heads, dim, mlp_dim):
+        super().__init__()
+        n = (image_size // patch_size) ** 2
+        self.patch = nn.Conv2d(channels, dim, patch_size, patch_size)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, n + 1, dim) * 0.02)
+        self.norms1 = nn.ModuleList([nn.LayerNorm(dim) for _ in range(depth)])
+        self.attns = nn.ModuleList([nn.MultiheadAttention(dim, heads, batch_first=True) for _ in range(depth)])
+        self.norms2 = nn.ModuleList([nn.LayerNorm(dim) for _ in range(depth)])
+        self.mlps = nn.ModuleList([nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+                                   for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1) + self.pos
+        for n1, attn, n2, mlp in zip(self.norms1, self.attns, self.norms2, self.mlps):
+            h = n1(x)
+            x = x + attn(h, h, h)[0]
+            x = x + mlp(n2(x))
+        return self.head(self.norm(x)[:, 0])
+
+
+def build_peer(name: str, cfg: dict) -> nn.Module:
+    c = cfg
+    if name == "tutorial":
+        return TutorialViT(**c)
+    if name == "timm":
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(img_size=c["image_size"], patch_size=c["patch_size"], in_chans=c["channels"],
+                                 num_classes=c["num_classes"], embed_dim=c["dim"], depth=c["depth"],
+                                 num_heads=c["heads"], mlp_ratio=c["mlp_dim"] / c["dim"], qkv_bias=True,
+                                 class_token=True, global_pool="token")
+    if name == "vit-pytorch":
+        from vit_pytorch import ViT as LucidViT
+
+        return LucidViT(image_size=c["image_size"], patch_size=c["patch_size"], num_classes=c["num_classes"],
+                        dim=c["dim"], depth=c["depth"], heads=c["heads"], mlp_dim=c["mlp_dim"],
+                        dim_head=c["dim"] // c["heads"], channels=c["channels"])
+    raise ValueError(name)
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    desc = f"{cpu}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        desc = f"{torch.cuda.get_device_name()} (host: {desc})"
+    return desc
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 5) -> float:
+    """Measured FLOP/s of a large square matrix product: the ceiling MFU is quoted against."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    times = [timed(lambda: a @ b, device) for _ in range(reps)]
+    return 2 * n**3 / median(times)
+
+
+def append_results(title: str, command: str, body: str) -> None:
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = (f"\n## {title}\n\n- command: `{command}`\n- machine: {machine()}\n"
+            f"- torch {torch.__version__}, python {platform.python_version()}, date {stamp}\n\n{body}\n")
+    with open(RESULTS, "a") as f:
+        f.write(text)
+
+
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def command_line() -> str:
+    return "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]])

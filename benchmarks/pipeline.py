@@ -1,0 +1,118 @@
+"""Data + augmentation throughput on real CIFAR-10: vitlab's batched in-memory pipeline
+against torchvision's per-image transforms.v2 pipeline through a DataLoader.
+
+Both produce normalised float batches of RandomResizedCrop(32) + horizontal flip
+(p=0.5) with per-sample random parameters, from the same uint8 training images.
+
+    python benchmarks/pipeline.py --data-dir DIR      # DIR holds cifar-10-batches-py/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import append_results, command_line, machine  # noqa: E402
+
+from vitlab.augment import BatchAugment, Normalize  # noqa: E402
+from vitlab.data import load_dataset  # noqa: E402
+
+
+class PerImageCIFAR(Dataset):
+    """What torchvision.datasets.CIFAR10 does per item: array -> PIL image -> transform."""
+
+    def __init__(self, images_hwc: np.ndarray, labels: np.ndarray, transform):
+        self.images, self.labels, self.transform = images_hwc, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def torchvision_transform(mean, std):
+    return v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(32, antialias=True), v2.RandomHorizontalFlip(0.5),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def time_loader(loader, batches: int) -> float:
+    it = iter(loader)
+    next(it)  # start-up (worker spawn) excluded
+    t = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        x, _ = next(it)
+        n += len(x)
+    return n / (time.perf_counter() - t)
+
+
+def time_vitlab(images: torch.Tensor, labels: torch.Tensor, augment: BatchAugment, batch: int, batches: int,
+                device: torch.device) -> float:
+    images, labels = images.to(device), labels.to(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    order = torch.randperm(len(images), device=device)
+    augment(images[order[:batch]], gen)  # warm-up
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for b in range(1, batches + 1):
+        idx = order[(b * batch) % (len(images) - batch):][:batch]
+        x = augment(images[idx], gen)
+        _ = labels[idx]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return batches * batch / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--dataset", default="cifar10")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batches", type=int, default=60)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    data = load_dataset(args.dataset, args.data_dir, val_size=0, download=False)
+    imgs, labels = data.train.images, data.train.labels
+    print(f"machine: {machine()}; {len(imgs)} {args.dataset} training images")
+
+    augment = BatchAugment(Normalize(data.mean, data.std, device), data.image_size, crop=True,
+                           crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5)
+    hwc = imgs.permute(0, 2, 3, 1).squeeze(-1).numpy()
+    per_image = PerImageCIFAR(hwc, labels.numpy(), torchvision_transform(data.mean, data.std))
+
+    results = {}
+    # Interleave: each contender twice, alternating, and keep the better run (drift hits all alike).
+    for _ in range(2):
+        results.setdefault(f"vitlab batched ({device.type})", []).append(
+            time_vitlab(imgs, labels, augment, args.batch, args.batches, device))
+        for workers in (0, 2):
+            loader = DataLoader(per_image, batch_size=args.batch, shuffle=True, num_workers=workers,
+                                persistent_workers=False)
+            n = args.batches if workers else max(10, args.batches // 3)
+            results.setdefault(f"torchvision v2 per-image, DataLoader workers={workers}", []).append(time_loader(loader, n))
+    best = {k: max(v) for k, v in results.items()}
+    base = best["torchvision v2 per-image, DataLoader workers=2"]
+    lines = ["| pipeline | images/s | vs torchvision (2 workers) |", "|---|---|---|"]
+    lines += [f"| {k} | {v:,.0f} | {v / base:.1f}x |" for k, v in best.items()]
+    body = (f"{args.dataset} train split, batch {args.batch}, RandomResizedCrop(32, scale 0.08-1) + flip + normalise; "
+            f"best of 2 interleaved runs of {args.batches} batches\n\n" + "\n".join(lines))
+    print(body)
+    if not args.no_record:
+        append_results("Data pipeline throughput (benchmarks/pipeline.py)", command_line(), body)
+
+
+if __name__ == "__main__":
+    main()
