@@ -84,7 +84,7 @@ def main() -> None:
     print(f"conventional: {conv_s:.1f} s (val acc {conv_acc:.3f})", flush=True)
     vit_s, vit_acc = vitlab_epoch(args.data_dir, args.device, args.batch)
     print(f"vitlab: {vit_s:.1f} s (val acc {vit_acc:.3f})", flush=True)
-    body = ("CIFAR-10, 45,000 train + 5,000 val images, small config (depth 6, dim 128, heads 4, MLP 256), "
+    body = (f"CIFAR-10, {len(data.train):,} train + {len(data.val):,} val images, small config (depth 6, dim 128, heads 4, MLP 256), "
             f"batch {args.batch}, RandomResizedCrop + flip\n\n"
             "| loop | epoch wall time (train + val) | val acc after 1 epoch | speed-up |\n|---|---|---|---|\n"
             f"| conventional: torchvision v2 + DataLoader({args.workers} workers) + nn.MultiheadAttention ViT + AdamW, fp32 "

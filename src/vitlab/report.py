@@ -50,12 +50,12 @@ def plot_curves(rows: Sequence[dict[str, float]], path: Path, title: str) -> Non
     """Train and val loss (left) and accuracy (right) per epoch."""
     epochs = [r["epoch"] for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train", ms=3)
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train (augmented, label smoothing)", ms=3)
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="val", ms=3)
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("loss")
-    ax_acc.plot(epochs, [r["train_acc"] for r in rows], "o-", label="train", ms=3)
+    ax_acc.plot(epochs, [r["train_acc"] for r in rows], "o-", label="train (augmented)", ms=3)
     ax_acc.plot(epochs, [r["val_acc"] for r in rows], "o-", label="val", ms=3)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")

@@ -195,11 +195,12 @@ def _fmt(v) -> str:
 # --------------------------------------------------------------------- train
 
 def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, overwrite: bool = False,
-          progress: bool = True, log: Callable[[str], None] | None = None,
+          progress: bool = True, log: Callable[[str], None] | None = None, data: DatasetSplits | None = None,
           _stop_after_steps: int | None = None) -> RunResult:
     """Train a ViT as ``cfg`` says (or continue the run folder ``resume``) and write its report.
 
-    With ``resume``, ``cfg`` defaults to the run's saved config.
+    With ``resume``, ``cfg`` defaults to the run's saved config. ``data`` trains on
+    already-loaded splits instead of loading ``cfg.dataset`` (benchmarks, notebooks).
 
     ``_stop_after_steps`` simulates an interruption after that many optimizer
     steps (tests use it to check that resuming is exact).
@@ -236,8 +237,9 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     np.random.seed(cfg.seed)
 
     # ---- data, resident on the device as uint8
-    data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, image_size=cfg.image_size,
-                        download=cfg.download, coarse_labels=cfg.coarse_labels, warn=log)
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, image_size=cfg.image_size,
+                            download=cfg.download, coarse_labels=cfg.coarse_labels, warn=log)
     model_cfg = build_model_config(cfg, data, attention)
     if run_dir is None:
         run_dir = new_run_dir(cfg, overwrite)
@@ -407,10 +409,13 @@ def finish_run(run_dir: Path, cfg: TrainConfig, data: DatasetSplits, model: ViT,
     })
     if rows:
         report.plot_curves(rows, run_dir / "loss_curve.png", title)
-    n_show = min(32, len(data.test))
-    logits = predict_logits(model, data.test.images[:n_show], normalize, cfg.eval_batch_size, device, amp_dtype)
+    # The grid: the first test images, then the first mistakes among the rest (up to 8).
+    logits = predict_logits(model, data.test.images, normalize, cfg.eval_batch_size, device, amp_dtype).cpu()
     probs, preds = logits.softmax(1).max(1)
-    report.plot_predictions(data.test.images[:n_show], data.test.labels[:n_show], preds.cpu(), probs.cpu(),
+    first = torch.arange(min(24, len(data.test)))
+    wrong = (preds != data.test.labels).nonzero().flatten()
+    show = torch.cat([first, wrong[wrong >= len(first)][:32 - len(first)]])
+    report.plot_predictions(data.test.images[show], data.test.labels[show], preds[show], probs[show],
                             data.classes, run_dir / "predictions.png", title)
     log("\n" + report.results_table(results) + f"\n\nresults in {run_dir}")
     return RunResult(run_dir, results, len(rows), train_seconds)

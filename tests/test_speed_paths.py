@@ -1,0 +1,59 @@
+"""The fast paths compute the same function as a plain fp32 model, and training
+with each speed option on or off reaches the same accuracy."""
+
+import pytest
+import torch
+
+from vitlab import TrainConfig, ViT, ViTConfig
+from vitlab.runtime import autocast
+from vitlab.train import train
+
+CFG = dict(image_size=32, channels=3, num_classes=10, patch_size=4, depth=3, heads=4, dim=64, mlp_dim=128)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
+@pytest.mark.parametrize("patch_embed", ["conv", "linear"])
+def test_bf16_fast_path_matches_fp32_reference(attention, patch_embed):
+    torch.manual_seed(0)
+    ref = ViT(ViTConfig(**CFG, attention="sdpa")).eval()
+    torch.nn.init.normal_(ref.head.weight, std=0.5)  # a non-zero head, so logits carry the whole network
+    fast = ViT(ViTConfig(**CFG, attention=attention, patch_embed=patch_embed)).eval()
+    state = ref.state_dict()
+    if patch_embed == "linear":
+        state["patch_embed.proj.weight"] = state["patch_embed.proj.weight"].reshape(CFG["dim"], -1)
+    fast.load_state_dict(state)
+    x = torch.randn(16, 3, 32, 32)
+    with torch.no_grad():
+        expected = ref(x)
+        with autocast(torch.device("cpu"), torch.bfloat16):
+            got = fast(x).float()
+        exact = fast(x)
+    assert _rel_err(exact, expected) < 1e-5  # fp32: the same function
+    assert _rel_err(got, expected) < 2e-2  # bf16 operands: within bf16 tolerance
+    assert torch.isfinite(got).all()
+
+
+def _digits_accuracy(tmp_path, **options) -> float:
+    cfg = TrainConfig().replace(out=str(tmp_path), epochs=25, seed=0, **options)
+    return train(cfg, progress=False, log=lambda s: None).results["Test"][1]
+
+
+@pytest.fixture(scope="module")
+def default_accuracy(tmp_path_factory):
+    return _digits_accuracy(tmp_path_factory.mktemp("default"))
+
+
+@pytest.mark.parametrize("options", [
+    dict(precision="fp32"),
+    dict(attention="sdpa"),
+    dict(patch_embed="linear"),
+    dict(compile=True),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_speed_options_do_not_change_accuracy(tmp_path, default_accuracy, options):
+    acc = _digits_accuracy(tmp_path, **options)
+    assert default_accuracy > 0.85
+    assert abs(acc - default_accuracy) < 0.04, (options, acc, default_accuracy)
