@@ -206,7 +206,7 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), meta.model
 
 
-def intact_checkpoints(run_dir: Path, name: str = "last") -> list[Path]:
+def intact_checkpoints(run_dir: Path, name: str = "last", need_state: bool = True) -> list[Path]:
     """``name``, its temporary and previous versions that pass verification, newest step first."""
     found = []
     candidates = [run_dir / name, run_dir / f"{name}.prev", *sorted(run_dir.glob(f".{name}.*.tmp"))]
@@ -215,7 +215,27 @@ def intact_checkpoints(run_dir: Path, name: str = "last") -> list[Path]:
             meta = read_meta(folder)
         except CheckpointError:
             continue
-        if (folder / STATE).is_file():
+        if (folder / STATE).is_file() or not need_state:
             found.append((int(meta.extra.get("step", -1)), folder))
     found.sort(key=lambda t: -t[0])
     return [f for _, f in found]
+
+
+def recover(run_dir: Path, name: str, need_state: bool = True) -> Path | None:
+    """After a crash: put the newest intact version of checkpoint ``name`` in place
+    (a kill can land between the two renames of a save, or leave a complete
+    temporary folder) and delete stale temporaries. Returns the folder, or None."""
+    intact = intact_checkpoints(run_dir, name, need_state)
+    if intact and intact[0].name.endswith(".tmp"):  # a finished save that was never renamed into place
+        final = run_dir / name
+        if final.exists():
+            prev = run_dir / f"{name}.prev"
+            if prev.exists():
+                shutil.rmtree(prev)
+            os.replace(final, prev)
+        os.replace(intact[0], final)
+        _fsync_dir(run_dir)
+        intact[0] = final
+    for stale in run_dir.glob(f".{name}.*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    return intact[0] if intact else None

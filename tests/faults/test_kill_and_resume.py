@@ -101,3 +101,24 @@ def test_damaged_last_checkpoint_falls_back_to_previous(tmp_path, uninterrupted)
     if weights.exists():
         assert "missing or damaged; resuming from last.prev" in resumed.stderr + resumed.stdout
     _assert_same_run(uninterrupted, tmp_path / "run")
+
+
+def test_killed_between_the_two_renames_of_a_save(tmp_path, uninterrupted):
+    """Recreate the state a SIGKILL leaves inside save_checkpoint: the old folder already
+    moved to .prev, the new one complete but still under its temporary name."""
+    import shutil
+
+    proc = _start(tmp_path)
+    _wait_for(tmp_path / "run" / "best", proc)  # after epoch 1: both last/ and best/ exist
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run = tmp_path / "run"
+    for name in ("last", "best"):
+        if (run / f"{name}.prev").exists():
+            shutil.rmtree(run / f"{name}.prev")
+        os.replace(run / name, run / f".{name}.x1y2.tmp")  # the newest save, never renamed into place
+    (run / ".metrics.csv.zz.tmp").write_text("half a line")
+    resumed = _resume(run)
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(uninterrupted, run)
+    assert not list(run.glob(".*.tmp")), "temporary files left behind"
