@@ -67,8 +67,8 @@ def time_vitlab(images: torch.Tensor, labels: torch.Tensor, augment: BatchAugmen
     t = time.perf_counter()
     for b in range(1, batches + 1):
         idx = order[(b * batch) % (len(images) - batch):][:batch]
-        x = augment(images[idx], gen)
-        _ = labels[idx]
+        augment(images.index_select(0, idx), gen)  # as vitlab.train draws batches
+        labels.index_select(0, idx)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return batches * batch / (time.perf_counter() - t)

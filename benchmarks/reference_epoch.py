@@ -13,8 +13,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import append_results, command_line, machine  # noqa: E402
 

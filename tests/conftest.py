@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
+from vitlab.cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("VITLAB_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -25,7 +28,11 @@ def real_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(autouse=True)
-def _small_thread_pool(monkeypatch):
-    """Keep tests from oversubscribing the two CI cores when pytest runs subprocesses."""
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """`vitlab train` with no options (the embedded default), run once for the session."""
+    out = tmp_path_factory.mktemp("runs")
+    result = CliRunner().invoke(cli, ["train", "--out", str(out), "--quiet"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    (run,) = out.iterdir()
+    return run

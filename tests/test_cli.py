@@ -1,6 +1,5 @@
 import dataclasses
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -8,8 +7,6 @@ from PIL import Image
 from vitlab.cli import cli
 from vitlab.config import TrainConfig, load_preset, preset_names
 from vitlab.data import load_digits
-
-from .test_train import digits_run  # noqa: F401  (shared session fixture)
 
 
 def run(*args: str):
@@ -78,7 +75,7 @@ def test_every_preset_is_valid():
         load_preset(name).validate()
 
 
-def test_predict_and_evaluate(digits_run, tmp_path):  # noqa: F811
+def test_predict_and_evaluate(digits_run, tmp_path):
     digits, classes = load_digits()
     paths = []
     for i in range(3):

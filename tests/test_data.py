@@ -2,7 +2,6 @@ import functools
 import gzip
 import http.server
 import pickle
-import shutil
 import threading
 from pathlib import Path
 

@@ -5,24 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
 from vitlab import TrainConfig, ViT, load_checkpoint
-from vitlab.cli import cli
 from vitlab.predict import evaluate_checkpoint
 from vitlab.train import TrainingInterrupted, lr_at, train
-
-
-@pytest.fixture(scope="session")
-def digits_run(tmp_path_factory) -> Path:
-    """`vitlab train` with no options (the embedded default), run once for the session."""
-    out = tmp_path_factory.mktemp("runs")
-    result = CliRunner().invoke(cli, ["train", "--out", str(out), "--quiet"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    (run,) = out.iterdir()
-    return run
 
 
 def _results(run: Path) -> dict[str, tuple[float, float]]:

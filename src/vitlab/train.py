@@ -5,7 +5,6 @@ and read once per log interval, checkpoints that resume bit-exactly.
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 import shutil
@@ -336,8 +335,9 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 idx = order[b * batch_size: (b + 1) * batch_size]
-                x = augment(train_images[idx], aug_gen)
-                y = train_labels[idx]
+                # index_select, not images[idx]: 6 us instead of 105 us for a CIFAR batch on CPU
+                x = augment(train_images.index_select(0, idx), aug_gen)
+                y = train_labels.index_select(0, idx)
                 loss, logits = loss_and_logits(step_model, x, y, device, amp_dtype, cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.on_nonfinite == "skip" and not torch.isfinite(loss):  # host sync, only with this option

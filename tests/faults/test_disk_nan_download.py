@@ -15,7 +15,6 @@ from click.testing import CliRunner
 
 from vitlab import TrainConfig, load_checkpoint
 from vitlab import checkpoint as vckpt
-from vitlab import data as vdata
 from vitlab.cli import cli
 from vitlab.data import RemoteFile, download_file
 from vitlab.errors import DataError

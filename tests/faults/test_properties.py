@@ -7,7 +7,6 @@ import gzip
 import io
 import pickle
 import tarfile
-from pathlib import Path
 
 import numpy as np
 from hypothesis import HealthCheck, given, settings
