@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -95,8 +96,9 @@ class BatchAugment:
 
     def __init__(self, normalize: Normalize, image_size: int, crop: bool = False,
                  crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: float = 0.0):
+                 hflip: float = 0.0, random_erasing: float = 0.0):
         self.normalize = normalize
+        self.random_erasing = random_erasing
         self.image_size = image_size
         self.crop = crop
         self.crop_scale = crop_scale
@@ -119,4 +121,65 @@ class BatchAugment:
                 w = torch.full((b,), width, dtype=torch.long, device=x.device)
             flip = torch.rand(b, generator=generator, device=x.device) < self.hflip if self.hflip > 0 else None
             x = resized_crop(x, top, left, h, w, self.image_size, flip)
-        return x * self.normalize.scale + self.normalize.shift
+        x = x * self.normalize.scale + self.normalize.shift
+        if self.random_erasing > 0:
+            x = random_erasing(x, self.random_erasing, generator)
+        return x
+
+
+def random_erasing(x: torch.Tensor, prob: float, generator: torch.Generator | None = None,
+                   scale: tuple[float, float] = (0.02, 1 / 3), ratio: tuple[float, float] = (0.3, 3.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al.) of a normalised batch: with probability ``prob`` per
+    sample, a rectangle of random area and aspect is replaced by N(0, 1) noise. Masks
+    are built for the whole batch at once; rectangles are clipped to the image."""
+    b, c, height, width = x.shape
+    u = torch.rand(b, 5, generator=generator, device=x.device)
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+    h = torch.sqrt(area / aspect).round().clamp(1, height)
+    w = torch.sqrt(area * aspect).round().clamp(1, width)
+    top = (u[:, 2] * (height - h + 1)).floor()
+    left = (u[:, 3] * (width - w + 1)).floor()
+    erase = u[:, 4] < prob
+    rows = torch.arange(height, device=x.device).view(1, height, 1)
+    cols = torch.arange(width, device=x.device).view(1, 1, width)
+    inside = ((rows >= top.view(b, 1, 1)) & (rows < (top + h).view(b, 1, 1)) &
+              (cols >= left.view(b, 1, 1)) & (cols < (left + w).view(b, 1, 1)) & erase.view(b, 1, 1))
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return torch.where(inside.unsqueeze(1), noise, x)
+
+
+def _beta(alpha: float, generator: torch.Generator | None) -> float:
+    """A Beta(alpha, alpha) draw whose randomness comes from ``generator`` (torch has no
+    seeded Beta sampler), so a resumed run draws the same values."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device if generator else "cpu"))
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
+              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixup (Zhang et al.) or CutMix (Yun et al.) of a batch with its reverse, one of
+    the two chosen at random when both are on. Returns the mixed images and soft
+    targets ``lam * onehot(y) + (1 - lam) * onehot(y reversed)``, with ``lam`` the
+    exact area fraction for CutMix."""
+    target = F.one_hot(y, num_classes).to(x.dtype)
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        return x, target
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or _beta(1.0, generator) < 0.5)
+    lam = _beta(cutmix_alpha if use_cutmix else mixup_alpha, generator)
+    other = x.flip(0)
+    if use_cutmix:
+        _, _, height, width = x.shape
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(height * cut), int(width * cut)
+        r = torch.rand(2, generator=generator, device=generator.device if generator else "cpu")
+        cy, cx = int(r[0] * height), int(r[1] * width)
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, width)
+        x = x.clone()
+        x[:, :, y0:y1, x0:x1] = other[:, :, y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / (height * width)
+    else:
+        x = lam * x + (1.0 - lam) * other
+    return x, lam * target + (1.0 - lam) * target.flip(0)

@@ -44,6 +44,8 @@ class TrainConfig:
     mlp_dim: int = _f(192, "hidden width of each block's MLP")
     dropout: float = _f(0.0, "dropout on embeddings, attention output and MLP")
     attn_dropout: float = _f(0.0, "dropout on attention weights")
+    drop_path: float = _f(0.0, "stochastic depth: drop rate of the last block's residual branches (linearly less for earlier blocks)")
+    layer_scale: float = _f(0.0, "LayerScale initial value on each residual branch (0: off; 1e-4 is usual)")
     pool: str = _f("cls", "what feeds the head: 'cls' (class token) or 'mean' (mean of patch tokens)", choices=("cls", "mean"))
     patch_embed: str = _f("conv", "patch projection: 'conv' (strided convolution) or 'linear'", choices=("conv", "linear"))
     attention: str = _f("auto", "attention kernel: 'sdpa', 'explicit', or 'auto' (fastest measured for the device)", choices=("auto", "sdpa", "explicit"))
@@ -63,6 +65,11 @@ class TrainConfig:
     crop_scale: tuple[float, float] = _f((0.7, 1.0), "RandomResizedCrop area range (fractions of the image)")
     crop_ratio: tuple[float, float] = _f((0.8, 1.25), "RandomResizedCrop aspect-ratio range")
     hflip: float = _f(0.0, "probability of a horizontal flip")
+    random_erasing: float = _f(0.0, "probability of erasing a random rectangle of each image (filled with noise)")
+    mixup_alpha: float = _f(0.0, "Mixup with Beta(alpha, alpha) mixing weights (0: off)")
+    cutmix_alpha: float = _f(0.0, "CutMix with Beta(alpha, alpha) area fractions (0: off; with mixup, each batch picks one)")
+    ema_decay: float = _f(0.0, "keep an exponential moving average of the weights with this decay, evaluated beside the raw weights (0: off; 0.999 is usual)")
+    tta_flip: bool = _f(False, "evaluate on each image and its mirror image, averaging the logits")
     # --- runtime
     device: str = _f("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     precision: str = _f("auto", "'auto' (bf16 where the device computes it natively), 'bf16' or 'fp32'", choices=("auto", "bf16", "fp32"))
@@ -103,8 +110,11 @@ class TrainConfig:
         need(self.grad_clip >= 0, f"--grad-clip must be >= 0 (0 disables), got {self.grad_clip}")
         need(self.val_size >= 0, f"--val-size must be >= 0, got {self.val_size}")
         need(self.val_size < 1 or float(self.val_size).is_integer(), f"--val-size must be a fraction below 1 or a whole count, got {self.val_size}")
-        for name in ("dropout", "attn_dropout"):
+        for name in ("dropout", "attn_dropout", "drop_path", "ema_decay"):
             need(0 <= getattr(self, name) < 1, f"--{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        need(0 <= self.random_erasing <= 1, f"--random-erasing is a probability in [0, 1], got {self.random_erasing}")
+        for name in ("layer_scale", "mixup_alpha", "cutmix_alpha"):
+            need(getattr(self, name) >= 0, f"--{_flag(name)} must be >= 0 (0: off), got {getattr(self, name)}")
         need(self.dim % self.heads == 0, f"--heads {self.heads} does not divide --dim {self.dim}; dim must be a multiple of heads")
         if self.image_size is not None and self.patch_size is not None:
             need(self.image_size % self.patch_size == 0,

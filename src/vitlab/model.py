@@ -33,6 +33,12 @@ class ViTConfig:
     mlp_dim: int = 512
     dropout: float = 0.0
     attn_dropout: float = 0.0
+    # Stochastic depth: the last block drops its residual branches with this
+    # probability, earlier blocks proportionally less (0 at the first).
+    drop_path: float = 0.0
+    # LayerScale (CaiT): per-channel scales on each residual branch, initialised to
+    # this value; 0 disables.
+    layer_scale: float = 0.0
     pool: Literal["cls", "mean"] = "cls"
     patch_embed: Literal["conv", "linear"] = "conv"
     # "sdpa": torch.nn.functional.scaled_dot_product_attention; "explicit":
@@ -56,9 +62,11 @@ class ViTConfig:
             )
         if self.dim % self.heads:
             raise ConfigError(f"heads {self.heads} does not divide dim {self.dim}; dim must be a multiple of heads")
-        for name in ("dropout", "attn_dropout"):
+        for name in ("dropout", "attn_dropout", "drop_path"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if self.layer_scale < 0:
+            raise ConfigError(f"layer-scale must be >= 0 (0 disables), got {self.layer_scale}")
         if self.pool not in ("cls", "mean"):
             raise ConfigError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
         if self.patch_embed not in ("conv", "linear"):
@@ -148,20 +156,48 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer encoder block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch for a random subset of samples while
+    training (rescaling the rest), identity at eval."""
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = torch.empty(x.shape[0], *([1] * (x.ndim - 1)), device=x.device, dtype=x.dtype).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer encoder block: x + Attn(LN(x)), then x + MLP(LN(x)),
+    each branch optionally scaled (LayerScale) and dropped (stochastic depth)."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim)
         self.attn = Attention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.mlp = Mlp(cfg)
+        self.ls1 = LayerScale(cfg.dim, cfg.layer_scale) if cfg.layer_scale > 0 else nn.Identity()
+        self.ls2 = LayerScale(cfg.dim, cfg.layer_scale) if cfg.layer_scale > 0 else nn.Identity()
+        self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         a, attn = self.attn(self.norm1(x), return_attention)
-        x = x + a
-        x = x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(self.ls1(a))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, attn
 
 
@@ -176,7 +212,8 @@ class ViT(nn.Module):
         num_tokens = cfg.num_patches + (1 if cfg.pool == "cls" else 0)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, cfg.dim))
         self.pos_drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.depth)])
+        rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList([Block(cfg, rate) for rate in rates])
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         self.reset_parameters()
@@ -194,6 +231,8 @@ class ViT(nn.Module):
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            elif isinstance(m, LayerScale):
+                nn.init.constant_(m.gamma, self.cfg.layer_scale)
         # Patch projection: LeCun-normal over its fan-in, as in the JAX original.
         w = self.patch_embed.proj.weight
         fan_in = w[0].numel()

@@ -43,7 +43,7 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: str | None = None, download:
             f"{checkpoint}: trained for {meta.model.num_classes} classes of {meta.model.channels}x{meta.model.image_size}px "
             f"images, but {cfg.dataset} has {len(data.classes)} classes of {data.channels}x{data.image_size}px")
     normalize = Normalize(meta.mean, meta.std, dev)
-    return {split: evaluate(model, subset, normalize, batch_size, dev, amp)
+    return {split: evaluate(model, subset, normalize, batch_size, dev, amp, cfg.tta_flip)
             for split, subset in (("Train", data.train), ("Val", data.val), ("Test", data.test))}
 
 

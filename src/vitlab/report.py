@@ -57,6 +57,8 @@ def plot_curves(rows: Sequence[dict[str, float]], path: Path, title: str) -> Non
     ax_loss.set_title("loss")
     ax_acc.plot(epochs, [r["train_acc"] for r in rows], "o-", label="train (augmented)", ms=3)
     ax_acc.plot(epochs, [r["val_acc"] for r in rows], "o-", label="val", ms=3)
+    if rows and "val_ema_acc" in rows[0]:
+        ax_acc.plot(epochs, [r["val_ema_acc"] for r in rows], "o-", label="val (EMA weights)", ms=3)
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy")
     ax_acc.set_title("accuracy")

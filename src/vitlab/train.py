@@ -24,7 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from . import report
-from .augment import BatchAugment, Normalize
+from .augment import BatchAugment, Normalize, mix_batch
 from .checkpoint import (CheckpointMeta, atomic_write_text, intact_checkpoints, load_state, load_weights,
                          read_meta, recover, save_checkpoint)
 from .config import TrainConfig
@@ -64,7 +64,8 @@ def build_model_config(cfg: TrainConfig, data: DatasetSplits, attention: str) ->
                           f"choose one of {[p for p in range(1, image_size + 1) if image_size % p == 0]} or set --image-size")
     return ViTConfig(image_size=image_size, channels=data.channels, num_classes=len(data.classes), patch_size=patch,
                      depth=cfg.depth, heads=cfg.heads, dim=cfg.dim, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
-                     attn_dropout=cfg.attn_dropout, pool=cfg.pool, patch_embed=cfg.patch_embed, attention=attention)
+                     attn_dropout=cfg.attn_dropout, drop_path=cfg.drop_path, layer_scale=cfg.layer_scale, pool=cfg.pool,
+                     patch_embed=cfg.patch_embed, attention=attention)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -98,6 +99,25 @@ def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
     optimizer.step()
 
 
+class WeightEMA:
+    """An exponential moving average of a model's weights, updated after every step with
+    one fused foreach lerp. The decay ramps up as min(decay, (1 + step) / (10 + step)),
+    so early averages are not dominated by the random initialisation."""
+
+    def __init__(self, model: ViT, decay: float):
+        self.decay = decay
+        self.model = ViT(model.cfg).to(next(model.parameters()).device)
+        self.model.load_state_dict(model.state_dict())
+        self.model.requires_grad_(False).eval()
+        self._ema = list(self.model.parameters())
+        self._src = list(model.parameters())
+
+    @torch.no_grad()
+    def update(self, model: ViT, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._ema, [p.detach() for p in self._src], 1.0 - d)
+
+
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
     """The shuffled sample order of an epoch: a pure function of (seed, epoch), so a
     resumed run draws exactly the batches the uninterrupted one would have."""
@@ -107,21 +127,25 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalize: Normalize, batch_size: int,
-                   device: torch.device, amp_dtype: torch.dtype | None) -> torch.Tensor:
-    """Logits (fp32, on ``device``) for a uint8 image tensor, in large eval batches."""
+                   device: torch.device, amp_dtype: torch.dtype | None, tta_flip: bool = False) -> torch.Tensor:
+    """Logits (fp32, on ``device``) for a uint8 image tensor, in large eval batches;
+    with ``tta_flip``, the mean of the logits of each image and its mirror image."""
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
         x = normalize(images[i: i + batch_size].to(device, non_blocking=True))
         with autocast(device, amp_dtype):
-            out.append(model(x).float())
+            logits = model(x).float()
+            if tta_flip:
+                logits = (logits + model(x.flip(-1)).float()) / 2
+        out.append(logits)
     return torch.cat(out) if out else torch.empty(0, device=device)
 
 
 def evaluate(model: torch.nn.Module, data: ImageSet, normalize: Normalize, batch_size: int, device: torch.device,
-             amp_dtype: torch.dtype | None) -> tuple[float, float]:
+             amp_dtype: torch.dtype | None, tta_flip: bool = False) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on a split, without augmentation or label smoothing."""
-    logits = predict_logits(model, data.images, normalize, batch_size, device, amp_dtype)
+    logits = predict_logits(model, data.images, normalize, batch_size, device, amp_dtype, tta_flip)
     labels = data.labels.to(device)
     loss = F.cross_entropy(logits, labels).item()
     acc = (logits.argmax(1) == labels).float().mean().item()
@@ -181,9 +205,10 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
-    lines = [",".join(report.METRIC_FIELDS)]
+    fields = report.METRIC_FIELDS + [k for k in ("val_ema_loss", "val_ema_acc") if rows and k in rows[0]]
+    lines = [",".join(fields)]
     for r in rows:
-        lines.append(",".join(_fmt(r[k]) for k in report.METRIC_FIELDS))
+        lines.append(",".join(_fmt(r[k]) for k in fields))
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -249,12 +274,15 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     train_images = data.train.images.to(device)
     train_labels = data.train.labels.to(device)
     normalize = Normalize(data.mean, data.std, device)
-    augment = BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip)
+    augment = BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip,
+                           cfg.random_erasing)
+    mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
 
     # ---- model and optimizer
     model = ViT(model_cfg).to(device)
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device)
     step_model = torch.compile(model) if cfg.compile else model
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if cfg.compile and device.type == "cpu" and amp_dtype is not None:
         log("warning: --compile with bf16 on CPU trained to 3-10 points lower accuracy than eager in our "
             "measurements (tests/test_speed_paths.py) for a 3-5% speed-up; consider --precision fp32 or no --compile")
@@ -282,6 +310,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
         lr_scale = float(state.get("lr_scale", 1.0))
         sums = state["epoch_sums"].to(device)
         aug_gen.set_state(state["aug_generator"])
+        if ema is not None:
+            ema.model.load_state_dict(state["ema"])
         _set_rng_state(state["rng"], device)
         rows = rows[: int(state["metrics_rows"])]  # drop rows written after this checkpoint
         _write_metrics(metrics_path, rows)
@@ -291,7 +321,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
         return {"epoch": epoch, "batch": batch, "step": step, "optimizer": optimizer.state_dict(),
                 "aug_generator": aug_gen.get_state(), "rng": _rng_state(device), "epoch_sums": sums.clone(),
                 "best_val_acc": best_acc, "metrics_rows": len(rows), "elapsed": elapsed + (time.perf_counter() - t0),
-                "lr_scale": lr_scale}
+                "lr_scale": lr_scale, **({"ema": ema.model.state_dict()} if ema is not None else {})}
 
     # The first step whose loss was NaN/Inf, tracked on the device so that the
     # hot loop needs no host sync; read at log intervals and before every save.
@@ -338,7 +368,10 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
                 # index_select, not images[idx]: 6 us instead of 105 us for a CIFAR batch on CPU
                 x = augment(train_images.index_select(0, idx), aug_gen)
                 y = train_labels.index_select(0, idx)
-                loss, logits = loss_and_logits(step_model, x, y, device, amp_dtype, cfg.label_smoothing)
+                target = y
+                if mixing:  # soft targets; accuracy below still counts the dominant label
+                    x, target = mix_batch(x, y, len(data.classes), cfg.mixup_alpha, cfg.cutmix_alpha, aug_gen)
+                loss, logits = loss_and_logits(step_model, x, target, device, amp_dtype, cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 if cfg.on_nonfinite == "skip" and not torch.isfinite(loss):  # host sync, only with this option
                     lr_scale *= 0.5
@@ -348,6 +381,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_on_device, bad_step)
                 apply_gradients(model, optimizer, loss, cfg.grad_clip)
                 step += 1
+                if ema is not None:
+                    ema.update(model, step)
                 with torch.no_grad():
                     sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                          torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
@@ -370,19 +405,26 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
             epoch_seconds = time.perf_counter() - t_epoch
             raise_if_nonfinite()
             loss_sum, correct, seen = sums.tolist()
-            val_loss, val_acc = evaluate(model, data.val, normalize, cfg.eval_batch_size, device, amp_dtype)
+            val_loss, val_acc = evaluate(model, data.val, normalize, cfg.eval_batch_size, device, amp_dtype, cfg.tta_flip)
             row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum / seen,
                    "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
+            candidates = {"raw": (val_acc, model)}
+            if ema is not None:
+                row["val_ema_loss"], row["val_ema_acc"] = evaluate(ema.model, data.val, normalize, cfg.eval_batch_size,
+                                                                   device, amp_dtype, cfg.tta_flip)
+                candidates["ema"] = (row["val_ema_acc"], ema.model)
             rows.append(row)
             _write_metrics(metrics_path, rows)
-            improved = val_acc > best_acc
-            if improved:
-                best_acc = val_acc
-                meta.extra = {"epoch": epoch + 1, "step": step, "val_acc": val_acc}
-                save_checkpoint(run_dir / "best", model, meta, config_yaml)
+            kind, (epoch_best, best_model) = max(candidates.items(), key=lambda kv: kv[1][0])
+            improved = epoch_best > best_acc
+            if improved:  # the best weights of the run, raw or averaged
+                best_acc = epoch_best
+                meta.extra = {"epoch": epoch + 1, "step": step, "val_acc": epoch_best, "weights": kind}
+                save_checkpoint(run_dir / "best", best_model, meta, config_yaml)
             save_last(epoch + 1, 0)
+            ema_text = f" | ema val acc {row['val_ema_acc']:.4f}" if ema is not None else ""
             log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-                f" | val loss {val_loss:.4f} acc {val_acc:.4f}{' *' if improved else ''}"
+                f" | val loss {val_loss:.4f} acc {val_acc:.4f}{ema_text}{' *' if improved else ''}"
                 f" | {epoch_seconds:.1f}s {(seen - seen_at_start) / epoch_seconds:,.0f} img/s")
             if stop.is_set() or (_stop_after_steps is not None and step >= _stop_after_steps):
                 if epoch + 1 < cfg.epochs:
@@ -402,7 +444,7 @@ def finish_run(run_dir: Path, cfg: TrainConfig, data: DatasetSplits, model: ViT,
     model.eval()
     results = {}
     for split, subset in (("Train", data.train), ("Val", data.val), ("Test", data.test)):
-        results[split] = evaluate(model, subset, normalize, cfg.eval_batch_size, device, amp_dtype)
+        results[split] = evaluate(model, subset, normalize, cfg.eval_batch_size, device, amp_dtype, cfg.tta_flip)
     best_epoch = max(rows, key=lambda r: r["val_acc"])["epoch"] if rows else 0
     title = f"{cfg.dataset}: ViT {cfg.depth}x{cfg.dim}, patch {model.cfg.patch_size}"
     report.write_results(run_dir / "results.md", title, results, {
@@ -416,7 +458,7 @@ def finish_run(run_dir: Path, cfg: TrainConfig, data: DatasetSplits, model: ViT,
     if rows:
         report.plot_curves(rows, run_dir / "loss_curve.png", title)
     # The grid: the first test images, then the first mistakes among the rest (up to 8).
-    logits = predict_logits(model, data.test.images, normalize, cfg.eval_batch_size, device, amp_dtype).cpu()
+    logits = predict_logits(model, data.test.images, normalize, cfg.eval_batch_size, device, amp_dtype, cfg.tta_flip).cpu()
     probs, preds = logits.softmax(1).max(1)
     first = torch.arange(min(24, len(data.test)))
     wrong = (preds != data.test.labels).nonzero().flatten()

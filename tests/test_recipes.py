@@ -1,0 +1,137 @@
+"""Regularisation and augmentation elements of the accuracy recipes."""
+
+import csv
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vitlab import TrainConfig, ViT, ViTConfig
+from vitlab.augment import mix_batch, random_erasing
+from vitlab.train import TrainingInterrupted, WeightEMA, predict_logits, train
+
+SMALL = dict(image_size=16, channels=3, num_classes=5, patch_size=4, depth=4, heads=2, dim=32, mlp_dim=64)
+
+
+def test_drop_path_is_inactive_at_eval_and_random_in_training():
+    torch.manual_seed(0)
+    plain = ViT(ViTConfig(**SMALL))
+    dropping = ViT(ViTConfig(**SMALL, drop_path=0.5))
+    dropping.load_state_dict(plain.state_dict())
+    for m in (plain, dropping):
+        torch.nn.init.normal_(m.head.weight)
+    dropping.head.weight.data.copy_(plain.head.weight)
+    x = torch.randn(8, 3, 16, 16)
+    plain.eval(), dropping.eval()
+    assert torch.equal(plain(x), dropping(x))  # eval: stochastic depth is the identity
+    dropping.train()
+    a, b = dropping(x), dropping(x)
+    assert not torch.equal(a, b)
+    rates = [blk.drop_path.p for blk in dropping.blocks]
+    assert rates[0] == 0 and rates[-1] == 0.5 and rates == sorted(rates)
+
+
+def test_layer_scale_parameters():
+    model = ViT(ViTConfig(**SMALL, layer_scale=1e-4))
+    gammas = [m.gamma for m in model.modules() if hasattr(m, "gamma")]
+    assert len(gammas) == 2 * SMALL["depth"] and all(torch.allclose(g, torch.full_like(g, 1e-4)) for g in gammas)
+    torch.nn.init.normal_(model.head.weight)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in gammas)
+    decay, no_decay = model.param_groups(0.1)
+    assert all(id(g) in {id(p) for p in no_decay["params"]} for g in gammas)
+
+
+def test_random_erasing_shapes_areas_and_rate():
+    g = torch.Generator().manual_seed(0)
+    x = torch.zeros(4000, 3, 32, 32)
+    assert torch.equal(random_erasing(x, 0.0, g), x)
+    out = random_erasing(x, 0.5, g)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    changed = (out != 0).any(1)  # (N, H, W) erased pixels
+    erased = changed.flatten(1).any(1)
+    assert abs(erased.float().mean().item() - 0.5) < 0.03
+    frac = changed[erased].flatten(1).float().mean(1)
+    assert frac.min() > 0.005 and frac.max() <= 1 / 3 + 0.05  # area in [2%, 1/3] of the image, clipped
+    # each erased region is one rectangle: its pixel count equals its bounding box
+    ys, xs = changed[erased][0].nonzero(as_tuple=True)
+    assert len(ys) == (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+
+
+def test_mixup_mixes_images_and_labels_alike():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(16, 3, 8, 8)
+    y = torch.arange(16)  # distinct labels: each row's weights say exactly which images were mixed
+    mixed, target = mix_batch(x, y, 16, mixup_alpha=0.8, generator=g)
+    assert target.shape == (16, 16) and torch.allclose(target.sum(1), torch.ones(16))
+    lam = float(target[0, 0])
+    assert 0 < lam < 1 and float(target[0, 15]) == pytest.approx(1 - lam)
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.flip(0))
+
+
+def test_cutmix_label_weight_is_the_pasted_area():
+    g = torch.Generator().manual_seed(2)
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 3, 16, 16).contiguous()  # image i is constant i
+    y = torch.arange(4)
+    for _ in range(20):
+        mixed, target = mix_batch(x, y, 4, cutmix_alpha=1.0, generator=g)
+        kept = (mixed[0] == 0).float().mean().item()  # fraction of image 0 still its own
+        assert target[0, 0].item() == pytest.approx(kept, abs=1e-6)
+        assert target[0, 3].item() == pytest.approx(1 - kept, abs=1e-6)  # pasted from the reversed batch
+
+
+def test_mixing_is_reproducible_from_the_generator():
+    x, y = torch.randn(8, 3, 8, 8), torch.arange(8) % 3
+    a = mix_batch(x, y, 3, 0.8, 1.0, torch.Generator().manual_seed(5))
+    b = mix_batch(x, y, 3, 0.8, 1.0, torch.Generator().manual_seed(5))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_weight_ema_follows_the_weights():
+    model = ViT(ViTConfig(**SMALL))
+    ema = WeightEMA(model, decay=0.9)
+    start = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=1000)  # decay 0.9 once the ramp is over
+    for s, e, p in zip(start, ema.model.parameters(), model.parameters()):
+        torch.testing.assert_close(e, 0.9 * s + 0.1 * p.detach())
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_tta_flip_averages_an_image_and_its_mirror():
+    from vitlab.augment import Normalize
+
+    model = ViT(ViTConfig(**SMALL)).eval()
+    torch.nn.init.normal_(model.head.weight)
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8)
+    norm = Normalize((0.5,) * 3, (0.25,) * 3)
+    got = predict_logits(model, images, norm, 4, torch.device("cpu"), None, tta_flip=True)
+    with torch.no_grad():
+        x = norm(images)
+        expected = (model(x) + model(x.flip(-1))) / 2
+    torch.testing.assert_close(got, expected)
+
+
+def _recipe(tmp_path, name):
+    return TrainConfig(out=str(tmp_path), name=name, epochs=3, depth=2, dim=32, heads=2, mlp_dim=64, batch_size=128,
+                       drop_path=0.1, layer_scale=1e-4, random_erasing=0.25, mixup_alpha=0.8, cutmix_alpha=1.0,
+                       ema_decay=0.99, tta_flip=True, hflip=0.5, log_every=3)
+
+
+def test_recipe_elements_train_report_ema_and_resume_exactly(tmp_path):
+    quiet = dict(progress=False, log=lambda s: None)
+    straight = train(_recipe(tmp_path, "straight"), **quiet)
+    with open(straight.run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and "val_ema_acc" in rows[0]
+    assert all(0 <= float(r["val_ema_acc"]) <= 1 for r in rows)
+    with pytest.raises(TrainingInterrupted):
+        train(_recipe(tmp_path, "resumed"), _stop_after_steps=7, **quiet)
+    resumed = train(resume=tmp_path / "resumed", **quiet)
+    for ckpt in ("last", "best"):
+        a = load_file(str(straight.run_dir / ckpt / "model.safetensors"))
+        b = load_file(str(resumed.run_dir / ckpt / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), ckpt
+    assert (straight.run_dir / "metrics.csv").read_text() == (resumed.run_dir / "metrics.csv").read_text()
