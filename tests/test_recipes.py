@@ -135,3 +135,45 @@ def test_recipe_elements_train_report_ema_and_resume_exactly(tmp_path):
         b = load_file(str(resumed.run_dir / ckpt / "model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), ckpt
     assert (straight.run_dir / "metrics.csv").read_text() == (resumed.run_dir / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("tokenizer", ["spt", "conv-stem"])
+def test_tokenizers_keep_a_vit(tokenizer):
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(**SMALL, patch_embed=tokenizer))
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    x = torch.randn(3, 3, 16, 16)
+    logits, attn = model(x, return_attention=True)
+    assert logits.shape == (3, 5) and attn[0].shape == (3, 2, 17, 17)  # still 16 patch tokens + class token
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_shifted_patch_tokenization_sees_the_neighbours():
+    from vitlab.model import diagonal_shifts
+
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 4, 4] = 1.0
+    shifted = diagonal_shifts(x, 2)
+    assert shifted.shape == (1, 5, 8, 8)
+    # each shifted copy moves the pixel by 2 in both axes (up-left, up-right, down-left, down-right)
+    where = [tuple(c.nonzero()[0].tolist()) for c in shifted[0]]
+    assert where == [(4, 4), (6, 6), (6, 2), (2, 6), (2, 2)]
+
+
+@pytest.mark.parametrize("attention", ["explicit", "sdpa"])
+def test_locality_self_attention(attention):
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(**SMALL, lsa=True, attention=attention))
+    torch.nn.init.normal_(model.head.weight, std=0.02)
+    x = torch.randn(2, 3, 16, 16)
+    _, attn = model.eval()(x, return_attention=True)
+    for a in attn:  # no token attends to itself; rows still sum to one
+        assert torch.diagonal(a, dim1=-2, dim2=-1).abs().max() == 0
+        torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)))
+    model.train()(x).sum().backward()
+    temps = [b.attn.log_temperature for b in model.blocks]
+    assert all(t.grad is not None and t.grad.abs() > 0 for t in temps)
+    explicit = ViT(ViTConfig(**SMALL, lsa=True, attention="explicit"))
+    explicit.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model.eval()(x), explicit.eval()(x), rtol=1e-5, atol=1e-5)

@@ -40,7 +40,13 @@ class ViTConfig:
     # this value; 0 disables.
     layer_scale: float = 0.0
     pool: Literal["cls", "mean"] = "cls"
-    patch_embed: Literal["conv", "linear"] = "conv"
+    # Tokenizer: "conv"/"linear" (the plain patch projection, same map), "spt" (shifted
+    # patch tokenization, Lee et al. 2021), "conv-stem" (a 3x3 conv before the patch
+    # projection, so neighbouring patches overlap in what they see).
+    patch_embed: Literal["conv", "linear", "spt", "conv-stem"] = "conv"
+    # Locality self-attention (Lee et al. 2021): learnable softmax temperature, and no
+    # token attends to itself.
+    lsa: bool = False
     # "sdpa": torch.nn.functional.scaled_dot_product_attention; "explicit":
     # softmax(q k^T) v as matrix products. Both compute the same function;
     # which is faster depends on device and precision (see benchmarks/).
@@ -69,8 +75,10 @@ class ViTConfig:
             raise ConfigError(f"layer-scale must be >= 0 (0 disables), got {self.layer_scale}")
         if self.pool not in ("cls", "mean"):
             raise ConfigError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
-        if self.patch_embed not in ("conv", "linear"):
-            raise ConfigError(f"patch-embed must be 'conv' or 'linear', got {self.patch_embed!r}")
+        if self.patch_embed not in ("conv", "linear", "spt", "conv-stem"):
+            raise ConfigError(f"patch-embed must be conv, linear, spt or conv-stem, got {self.patch_embed!r}")
+        if self.patch_embed == "spt" and self.patch_size % 2:
+            raise ConfigError(f"patch-embed spt shifts by half a patch: patch-size must be even, got {self.patch_size}")
         if self.attention not in ("sdpa", "explicit"):
             raise ConfigError(f"attention must be 'sdpa' or 'explicit', got {self.attention!r}")
 
@@ -90,11 +98,27 @@ class ViTConfig:
         return cls(**d)
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), patches in row-major order."""
+    b, c, h, w = x.shape
+    return x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def diagonal_shifts(x: torch.Tensor, s: int) -> torch.Tensor:
+    """The image and its four copies shifted by s pixels diagonally (zero fill), stacked on channels."""
+    padded = F.pad(x, (s, s, s, s))
+    h, w = x.shape[-2:]
+    shifted = [padded[..., s + dy: s + dy + h, s + dx: s + dx + w] for dy, dx in ((-s, -s), (-s, s), (s, -s), (s, s))]
+    return torch.cat([x, *shifted], dim=1)
+
+
 class PatchEmbed(nn.Module):
-    """Cut the image into non-overlapping patches and project each to ``dim``.
+    """Cut the image into patches and project each to ``dim``.
 
     ``conv`` and ``linear`` are the same linear map (a strided convolution is a
     matmul over flattened patches); both are offered because their speed differs.
+    ``spt`` adds four half-patch diagonal shifts of the image as channels, then
+    LayerNorm and a linear projection; ``conv-stem`` runs a 3x3 convolution first.
     """
 
     def __init__(self, cfg: ViTConfig):
@@ -104,16 +128,24 @@ class PatchEmbed(nn.Module):
         patch_dim = cfg.channels * cfg.patch_size**2
         if self.kind == "conv":
             self.proj = nn.Conv2d(cfg.channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        else:
+        elif self.kind == "linear":
             self.proj = nn.Linear(patch_dim, cfg.dim)
+        elif self.kind == "spt":
+            self.norm = nn.LayerNorm(5 * patch_dim)
+            self.proj = nn.Linear(5 * patch_dim, cfg.dim)
+        else:  # conv-stem
+            self.stem = nn.Sequential(nn.Conv2d(cfg.channels, cfg.dim // 2, 3, padding=1), nn.GELU())
+            self.proj = nn.Conv2d(cfg.dim // 2, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, dim)
+        p = self.patch_size
         if self.kind == "conv":
             return self.proj(x).flatten(2).transpose(1, 2)
-        b, c, h, w = x.shape
-        p = self.patch_size
-        x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
-        return self.proj(x)
+        if self.kind == "linear":
+            return self.proj(patchify(x, p))
+        if self.kind == "spt":
+            return self.proj(self.norm(patchify(diagonal_shifts(x, p // 2), p)))
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -129,16 +161,26 @@ class Attention(nn.Module):
         self.attn_dropout = cfg.attn_dropout
         self.proj_drop = nn.Dropout(cfg.dropout)
         self.use_sdpa = cfg.attention == "sdpa"
+        # LSA: a learnable temperature (stored as its log) replaces the fixed scale.
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(self.scale))) if cfg.lsa else None
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         p_drop = self.attn_dropout if self.training else 0.0
         attn = None
+        scale = self.log_temperature.exp() if self.log_temperature is not None else self.scale
+        # LSA masks the diagonal: a token may not attend to itself (True = may attend).
+        allowed = ~torch.eye(n, dtype=torch.bool, device=x.device) if self.log_temperature is not None else None
         if self.use_sdpa and not return_attention:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)
+            if allowed is None:
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)
+            else:  # the learnable temperature goes into q, so SDPA's own scale is 1
+                out = F.scaled_dot_product_attention(q * scale, k, v, attn_mask=allowed, dropout_p=p_drop, scale=1.0)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = (q * scale) @ k.transpose(-2, -1)
+            if allowed is not None:
+                attn = attn.masked_fill(~allowed, float("-inf"))
             attn = attn.softmax(dim=-1)
             out = F.dropout(attn, p_drop, self.training) @ v
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
@@ -283,7 +325,9 @@ def flops_per_image(cfg: ViTConfig, training: bool = True) -> float:
     (forward + backward), as in nanoGPT's MFU estimate. Elementwise work is ignored."""
     n = cfg.num_patches + (1 if cfg.pool == "cls" else 0)
     d, m = cfg.dim, cfg.mlp_dim
-    patch = cfg.num_patches * cfg.channels * cfg.patch_size**2 * d
+    patch = cfg.num_patches * cfg.channels * cfg.patch_size**2 * d * (5 if cfg.patch_embed == "spt" else 1)
+    if cfg.patch_embed == "conv-stem":  # 3x3 conv to dim/2 channels at full resolution, then the patch conv
+        patch = cfg.image_size**2 * cfg.channels * 9 * (d // 2) + cfg.num_patches * (d // 2) * cfg.patch_size**2 * d
     per_block = n * (3 * d * d + d * d + 2 * d * m) + 2 * n * n * d  # projections, MLP, QK^T and AV
     macs = patch + cfg.depth * per_block + d * cfg.num_classes
     return 2.0 * macs * (3.0 if training else 1.0)

@@ -65,7 +65,7 @@ def build_model_config(cfg: TrainConfig, data: DatasetSplits, attention: str) ->
     return ViTConfig(image_size=image_size, channels=data.channels, num_classes=len(data.classes), patch_size=patch,
                      depth=cfg.depth, heads=cfg.heads, dim=cfg.dim, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
                      attn_dropout=cfg.attn_dropout, drop_path=cfg.drop_path, layer_scale=cfg.layer_scale, pool=cfg.pool,
-                     patch_embed=cfg.patch_embed, attention=attention)
+                     patch_embed=cfg.patch_embed, lsa=cfg.lsa, attention=attention)
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
