@@ -75,6 +75,12 @@ def test_every_preset_is_valid():
         load_preset(name).validate()
 
 
+def test_fast_mnist_is_the_measured_configuration():
+    """benchmarks/RESULTS.md records fast-mnist's result with this command line."""
+    measured = load_preset("quick-mnist").replace(epochs=30, ema_decay=0.999, random_erasing=0.25, drop_path=0.1)
+    assert load_preset("fast-mnist") == measured
+
+
 def test_predict_and_evaluate(digits_run, tmp_path):
     digits, classes = load_digits()
     paths = []

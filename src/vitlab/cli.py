@@ -103,7 +103,7 @@ def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
     <out>/<dataset>-<timestamp>/ receives checkpoints (best/, last/), metrics.csv,
     results.md, loss_curve.png and predictions.png.
     """
-    from .train import train as run_training
+    from .train import run_config, train as run_training
 
     given = {k: v for k, v in overrides.items() if v is not None}
     if resume is not None:
@@ -111,10 +111,7 @@ def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
         extra = sorted(set(given) - allowed) + (["--preset"] if preset else [])
         if extra:
             raise VitlabError(f"--resume continues a run with its saved config; drop {', '.join(e if e.startswith('--') else '--' + e.replace('_', '-') for e in extra)}")
-        saved = resume / "config.yaml"
-        if not saved.is_file():
-            raise VitlabError(f"{resume}: not a run folder (no config.yaml); pass the folder `vitlab train` created")
-        run_training(TrainConfig.load_yaml(saved).replace(**given), resume=resume, progress=not quiet)
+        run_training(run_config(resume).replace(**given), resume=resume, progress=not quiet)
         return
     base = load_preset(preset) if preset else TrainConfig()
     cfg = base.replace(**given).validate()

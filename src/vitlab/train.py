@@ -152,6 +152,13 @@ def evaluate(model: torch.nn.Module, data: ImageSet, normalize: Normalize, batch
     return loss, acc
 
 
+def run_config(run_dir: Path) -> TrainConfig:
+    """The saved configuration of a run folder (what --resume continues)."""
+    if not (Path(run_dir) / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml); pass the folder `vitlab train` created")
+    return TrainConfig.load_yaml(Path(run_dir) / "config.yaml")
+
+
 def new_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
     name = cfg.name or f"{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.out).expanduser() / name
@@ -236,10 +243,8 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     state = None
     if resume is not None:
         run_dir = Path(resume).expanduser()
-        if not (run_dir / "config.yaml").is_file():
-            raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml); pass the folder `vitlab train` created")
         # The run's own config; a caller may pass it back with runtime fields changed (device, threads).
-        cfg = (cfg or TrainConfig.load_yaml(run_dir / "config.yaml")).validate()
+        cfg = (cfg or run_config(run_dir)).validate()
         last_ok = intact_checkpoints(run_dir, "last")[:1] == [run_dir / "last"]
         ckpt_dir = recover(run_dir, "last")
         recover(run_dir, "best", need_state=False)
