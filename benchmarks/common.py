@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
@@ -116,14 +115,6 @@ def append_results(title: str, command: str, body: str) -> None:
             f"- torch {torch.__version__}, python {platform.python_version()}, date {stamp}\n\n{body}\n")
     with open(RESULTS, "a") as f:
         f.write(text)
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except OSError:
-        return "?"
 
 
 def command_line() -> str:

@@ -34,7 +34,7 @@ def make_step(name: str, cfg: dict, device: torch.device, amp: torch.dtype | Non
     torch.manual_seed(0)
     if name == "vitlab":  # exactly the calls vitlab.train makes
         model = ViT(ViTConfig(**cfg, attention=resolve_attention("auto", device, amp))).to(device)
-        opt = build_optimizer(model, 1e-3, 0.05, device)
+        opt = build_optimizer(model, 1e-3, 0.05)
     else:
         model = build_peer(name, cfg).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
@@ -109,8 +109,9 @@ def main() -> None:
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     lines = ["| config | precision | compile | impl | params | img/s | vs timm | MFU |", "|---|---|---|---|---|---|---|---|"]
+    flops_of = {name: train_flops(CONFIGS[name], device) for name in args.configs}
     for cfg_name in args.configs:
-        flops = train_flops(CONFIGS[cfg_name], device)
+        flops = flops_of[cfg_name]
         print(f"{cfg_name}: {flops / 1e9:.3f} GFLOP per training image (FlopCounterMode, fwd+bwd)")
         rounds = args.rounds or (15 if cfg_name == "small" or device.type == "cuda" else 5)
         for prec in args.precisions:
@@ -124,7 +125,7 @@ def main() -> None:
                     lines.append(line)
                     print(line, flush=True)
     peak_line = "matmul peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items())
-    flop_line = ", ".join(f"{c} {train_flops(CONFIGS[c], device) / 1e9:.3f} GFLOP" for c in args.configs)
+    flop_line = ", ".join(f"{c} {flops_of[c] / 1e9:.3f} GFLOP" for c in args.configs)
     body = f"batch {BATCH}; FLOPs per training image: {flop_line}; {peak_line}\n\n" + "\n".join(lines)
     print("\n" + body)
     if not args.no_record:

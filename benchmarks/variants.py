@@ -25,7 +25,7 @@ def variant(cfg: dict, device, amp, batch: int, attention: str, patch_embed: str
     torch.manual_seed(0)
     model = ViT(ViTConfig(**cfg, attention=attention, patch_embed=patch_embed)).to(device)
     if fused is None:
-        opt = build_optimizer(model, 1e-3, 0.05, device)
+        opt = build_optimizer(model, 1e-3, 0.05)
     else:
         opt = torch.optim.AdamW(model.param_groups(0.05), lr=1e-3, fused=fused, foreach=None if fused else True)
     fwd = torch.compile(model) if compile_ else model

@@ -150,10 +150,14 @@ def random_erasing(x: torch.Tensor, prob: float, generator: torch.Generator | No
     return torch.where(inside.unsqueeze(1), noise, x)
 
 
+def _generator_device(generator: torch.Generator | None) -> torch.device | str:
+    return generator.device if generator is not None else "cpu"
+
+
 def _beta(alpha: float, generator: torch.Generator | None) -> float:
     """A Beta(alpha, alpha) draw whose randomness comes from ``generator`` (torch has no
     seeded Beta sampler), so a resumed run draws the same values."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device if generator else "cpu"))
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=_generator_device(generator)))
     return float(np.random.default_rng(seed).beta(alpha, alpha))
 
 
@@ -173,7 +177,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: f
         _, _, height, width = x.shape
         cut = math.sqrt(1.0 - lam)
         ch, cw = int(height * cut), int(width * cut)
-        r = torch.rand(2, generator=generator, device=generator.device if generator else "cpu")
+        r = torch.rand(2, generator=generator, device=_generator_device(generator))
         cy, cx = int(r[0] * height), int(r[1] * width)
         y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
         x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, width)

@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from . import report
 from .augment import BatchAugment, Normalize, mix_batch
-from .checkpoint import (CheckpointMeta, atomic_write_text, intact_checkpoints, load_state, load_weights,
-                         read_meta, recover, save_checkpoint)
+from .checkpoint import (CheckpointMeta, atomic_write_text, load_state, load_weights, read_meta, recover,
+                         save_checkpoint)
 from .config import TrainConfig
 from .data import DatasetSplits, ImageSet, load_dataset
 from .errors import CheckpointError, ConfigError, VitlabError
@@ -77,7 +77,7 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: ViT, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: ViT, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW over the weight-decay groups."""
     return torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=(0.9, 0.999))
 
@@ -142,14 +142,17 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalize: Norm
     return torch.cat(out) if out else torch.empty(0, device=device)
 
 
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of logits against integer labels."""
+    labels = labels.to(logits.device)
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
+
+
 def evaluate(model: torch.nn.Module, data: ImageSet, normalize: Normalize, batch_size: int, device: torch.device,
              amp_dtype: torch.dtype | None, tta_flip: bool = False) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on a split, without augmentation or label smoothing."""
-    logits = predict_logits(model, data.images, normalize, batch_size, device, amp_dtype, tta_flip)
-    labels = data.labels.to(device)
-    loss = F.cross_entropy(logits, labels).item()
-    acc = (logits.argmax(1) == labels).float().mean().item()
-    return loss, acc
+    return loss_and_accuracy(predict_logits(model, data.images, normalize, batch_size, device, amp_dtype, tta_flip),
+                             data.labels)
 
 
 def run_config(run_dir: Path) -> TrainConfig:
@@ -245,14 +248,13 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
         run_dir = Path(resume).expanduser()
         # The run's own config; a caller may pass it back with runtime fields changed (device, threads).
         cfg = (cfg or run_config(run_dir)).validate()
-        last_ok = intact_checkpoints(run_dir, "last")[:1] == [run_dir / "last"]
         ckpt_dir = recover(run_dir, "last")
         recover(run_dir, "best", need_state=False)
         for stale in run_dir.glob(".*.tmp"):  # half-written metrics or plots of the killed process
             stale.unlink(missing_ok=True)
         if ckpt_dir is None:
             raise CheckpointError(f"{run_dir}: no intact checkpoint to resume from")
-        if not last_ok and ckpt_dir.name != "last":
+        if ckpt_dir.name != "last":  # recover() falls back to last.prev only when last/ is missing or damaged
             log(f"note: {run_dir / 'last'} is missing or damaged; resuming from {ckpt_dir.name}")
         state = load_state(ckpt_dir)
     else:
@@ -285,7 +287,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
 
     # ---- model and optimizer
     model = ViT(model_cfg).to(device)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, device)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     step_model = torch.compile(model) if cfg.compile else model
     ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if cfg.compile and device.type == "cpu" and amp_dtype is not None:
@@ -447,10 +449,17 @@ def finish_run(run_dir: Path, cfg: TrainConfig, data: DatasetSplits, model: ViT,
     """Evaluate the best checkpoint on every split and write results.md and the plots."""
     load_weights(run_dir / "best", model)
     model.eval()
-    results = {}
-    for split, subset in (("Train", data.train), ("Val", data.val), ("Test", data.test)):
-        results[split] = evaluate(model, subset, normalize, cfg.eval_batch_size, device, amp_dtype, cfg.tta_flip)
-    best_epoch = max(rows, key=lambda r: r["val_acc"])["epoch"] if rows else 0
+    # Test logits are computed once: for the table and for the predictions grid below.
+    test_logits = predict_logits(model, data.test.images, normalize, cfg.eval_batch_size, device, amp_dtype,
+                                 cfg.tta_flip).cpu()
+    test = loss_and_accuracy(test_logits, data.test.labels)
+    results = {
+        "Train": evaluate(model, data.train, normalize, cfg.eval_batch_size, device, amp_dtype, cfg.tta_flip),
+        "Val": test if data.val_is_test else evaluate(model, data.val, normalize, cfg.eval_batch_size, device,
+                                                      amp_dtype, cfg.tta_flip),
+        "Test": test,
+    }
+    best_epoch = read_meta(run_dir / "best", verify=False).extra.get("epoch", 0)  # raw or EMA weights, whichever won
     title = f"{cfg.dataset}: ViT {cfg.depth}x{cfg.dim}, patch {model.cfg.patch_size}"
     report.write_results(run_dir / "results.md", title, results, {
         "epochs": f"{len(rows)} (best val accuracy at epoch {best_epoch}; the table uses that checkpoint)",
@@ -463,8 +472,7 @@ def finish_run(run_dir: Path, cfg: TrainConfig, data: DatasetSplits, model: ViT,
     if rows:
         report.plot_curves(rows, run_dir / "loss_curve.png", title)
     # The grid: the first test images, then the first mistakes among the rest (up to 8).
-    logits = predict_logits(model, data.test.images, normalize, cfg.eval_batch_size, device, amp_dtype, cfg.tta_flip).cpu()
-    probs, preds = logits.softmax(1).max(1)
+    probs, preds = test_logits.softmax(1).max(1)
     first = torch.arange(min(24, len(data.test)))
     wrong = (preds != data.test.labels).nonzero().flatten()
     show = torch.cat([first, wrong[wrong >= len(first)][:32 - len(first)]])
