@@ -40,9 +40,10 @@ class PerImageCIFAR(Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def torchvision_transform(mean, std):
+def torchvision_transform(mean, std, trivial_augment: bool = False):
+    extra = [v2.TrivialAugmentWide()] if trivial_augment else []
     return v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(32, antialias=True), v2.RandomHorizontalFlip(0.5),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+                       *extra, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 def time_loader(loader, batches: int) -> float:
@@ -88,27 +89,32 @@ def main() -> None:
     imgs, labels = data.train.images, data.train.labels
     print(f"machine: {machine()}; {len(imgs)} {args.dataset} training images")
 
-    augment = BatchAugment(Normalize(data.mean, data.std, device), data.image_size, crop=True,
-                           crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5)
     hwc = imgs.permute(0, 2, 3, 1).squeeze(-1).numpy()
-    per_image = PerImageCIFAR(hwc, labels.numpy(), torchvision_transform(data.mean, data.std))
-
-    results = {}
-    # Interleave: each contender twice, alternating, and keep the better run (drift hits all alike).
-    for _ in range(2):
-        results.setdefault(f"vitlab batched ({device.type})", []).append(
-            time_vitlab(imgs, labels, augment, args.batch, args.batches, device))
-        for workers in (0, 2):
-            loader = DataLoader(per_image, batch_size=args.batch, shuffle=True, num_workers=workers,
-                                persistent_workers=False)
-            n = args.batches if workers else max(10, args.batches // 3)
-            results.setdefault(f"torchvision v2 per-image, DataLoader workers={workers}", []).append(time_loader(loader, n))
+    results: dict[tuple[str, str], list[float]] = {}
+    # Interleave: each contender in turn, three rounds, and keep each one's best round (drift hits all alike).
+    # vitlab's pipeline is timed over 10x more batches than the loaders: a batch takes well under a millisecond.
+    for _ in range(3):
+        for policy, ta in (("crop+flip", False), ("crop+flip+TrivialAugmentWide", True)):
+            augment = BatchAugment(Normalize(data.mean, data.std, device), data.image_size, crop=True,
+                                   crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
+                                   trivial_augment=1.0 if ta else 0.0)
+            results.setdefault((policy, f"vitlab batched ({device.type})"), []).append(
+                time_vitlab(imgs, labels, augment, args.batch, 10 * args.batches, device))
+            per_image = PerImageCIFAR(hwc, labels.numpy(), torchvision_transform(data.mean, data.std, ta))
+            for workers in ((0, 2) if not ta else (2,)):
+                loader = DataLoader(per_image, batch_size=args.batch, shuffle=True, num_workers=workers,
+                                    persistent_workers=False)
+                n = args.batches if workers else max(10, args.batches // 3)
+                results.setdefault((policy, f"torchvision v2 per-image, DataLoader workers={workers}"), []).append(
+                    time_loader(loader, n))
     best = {k: max(v) for k, v in results.items()}
-    base = best["torchvision v2 per-image, DataLoader workers=2"]
-    lines = ["| pipeline | images/s | vs torchvision (2 workers) |", "|---|---|---|"]
-    lines += [f"| {k} | {v:,.0f} | {v / base:.1f}x |" for k, v in best.items()]
-    body = (f"{args.dataset} train split, batch {args.batch}, RandomResizedCrop(32, scale 0.08-1) + flip + normalise; "
-            f"best of 2 interleaved runs of {args.batches} batches\n\n" + "\n".join(lines))
+    lines = ["| augmentation | pipeline | images/s | vs torchvision (2 workers) |", "|---|---|---|---|"]
+    for (policy, name), v in best.items():
+        base = best[(policy, "torchvision v2 per-image, DataLoader workers=2")]
+        lines.append(f"| {policy} | {name} | {v:,.0f} | {v / base:.1f}x |")
+    body = (f"{args.dataset} train split, batch {args.batch}, RandomResizedCrop(32, scale 0.08-1) + flip (+ TrivialAugmentWide) "
+            f"+ normalise; best of 3 interleaved rounds ({10 * args.batches} batches for vitlab, {args.batches} for the "
+            f"loaders)\n\n" + "\n".join(lines))
     print(body)
     if not args.no_record:
         append_results("Data pipeline throughput (benchmarks/pipeline.py)", command_line(), body)

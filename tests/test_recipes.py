@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from vitlab import TrainConfig, ViT, ViTConfig
+from vitlab.errors import ConfigError
 from vitlab.augment import mix_batch, random_erasing
 from vitlab.train import TrainingInterrupted, WeightEMA, predict_logits, train
 
@@ -117,7 +118,7 @@ def test_tta_flip_averages_an_image_and_its_mirror():
 def _recipe(tmp_path, name):
     return TrainConfig(out=str(tmp_path), name=name, epochs=3, depth=2, dim=32, heads=2, mlp_dim=64, batch_size=128,
                        drop_path=0.1, layer_scale=1e-4, random_erasing=0.25, mixup_alpha=0.8, cutmix_alpha=1.0,
-                       ema_decay=0.99, tta_flip=True, hflip=0.5, log_every=3)
+                       ema_decay=0.99, tta_flip=True, hflip=0.5, trivial_augment=0.5, repeated_augment=2, log_every=3)
 
 
 def test_recipe_elements_train_report_ema_and_resume_exactly(tmp_path):
@@ -137,7 +138,7 @@ def test_recipe_elements_train_report_ema_and_resume_exactly(tmp_path):
     assert (straight.run_dir / "metrics.csv").read_text() == (resumed.run_dir / "metrics.csv").read_text()
 
 
-@pytest.mark.parametrize("tokenizer", ["spt", "conv-stem"])
+@pytest.mark.parametrize("tokenizer", ["spt", "conv-stem", "conv-pool"])
 def test_tokenizers_keep_a_vit(tokenizer):
     torch.manual_seed(0)
     model = ViT(ViTConfig(**SMALL, patch_embed=tokenizer))
@@ -147,6 +148,22 @@ def test_tokenizers_keep_a_vit(tokenizer):
     assert logits.shape == (3, 5) and attn[0].shape == (3, 2, 17, 17)  # still 16 patch tokens + class token
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_conv_pool_tokenizer_stages_and_receptive_field():
+    cfg = ViTConfig(**{**SMALL, "patch_size": 4}, patch_embed="conv-pool")
+    embed = ViT(cfg).patch_embed.eval()
+    convs = [m for m in embed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 and convs[-1] is embed.proj  # log2(4) stages
+    x = torch.zeros(1, 3, 16, 16, requires_grad=True)
+    tokens = embed(x)
+    assert tokens.shape == (1, 16, cfg.dim)
+    # one token's gradient reaches pixels outside its own 4x4 patch: the fields overlap
+    tokens[0, 5].sum().backward()
+    reached = x.grad[0].abs().sum(0) > 0
+    assert reached[4:8, 4:8].any() and (reached.sum() > 16)
+    with pytest.raises(ConfigError, match="patch-size must be 2, 4, 8"):
+        ViTConfig(**{**SMALL, "image_size": 12, "patch_size": 6}, patch_embed="conv-pool")
 
 
 def test_shifted_patch_tokenization_sees_the_neighbours():

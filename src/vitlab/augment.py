@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .trivial_augment import trivial_augment
+
 
 def sample_crop_params(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
                        generator: torch.Generator | None = None, device: torch.device | str = "cpu",
@@ -23,7 +25,8 @@ def sample_crop_params(n: int, height: int, width: int, scale: tuple[float, floa
     """Per-sample (top, left, h, w) as int64 tensors, distributed as
     ``torchvision.transforms.RandomResizedCrop.get_params``."""
     area = height * width
-    u = torch.rand(n, tries, 2, generator=generator, device=device, dtype=torch.float64)
+    # float32 draws, like torchvision's own (torch.empty(1).uniform_)
+    u = torch.rand(n, tries, 2, generator=generator, device=device)
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
@@ -47,7 +50,7 @@ def sample_crop_params(n: int, height: int, width: int, scale: tuple[float, floa
     w = torch.where(any_ok, w, torch.full_like(w, fw))
     h = torch.where(any_ok, h, torch.full_like(h, fh))
 
-    r = torch.rand(n, 2, generator=generator, device=device, dtype=torch.float64)
+    r = torch.rand(n, 2, generator=generator, device=device)
     top = torch.where(any_ok, (r[:, 0] * (height - h + 1)).floor().long(), (height - h) // 2)
     left = torch.where(any_ok, (r[:, 1] * (width - w + 1)).floor().long(), (width - w) // 2)
     return top, left, h, w
@@ -92,13 +95,15 @@ class Normalize:
 
 
 class BatchAugment:
-    """The training-time transform of a uint8 batch: crop/flip, then normalise."""
+    """The training-time transform of a uint8 batch: crop/flip, TrivialAugment,
+    normalise, random erasing (torchvision's usual order)."""
 
     def __init__(self, normalize: Normalize, image_size: int, crop: bool = False,
                  crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: float = 0.0, random_erasing: float = 0.0):
+                 hflip: float = 0.0, random_erasing: float = 0.0, trivial_augment: float = 0.0):
         self.normalize = normalize
         self.random_erasing = random_erasing
+        self.trivial_augment = trivial_augment
         self.image_size = image_size
         self.crop = crop
         self.crop_scale = crop_scale
@@ -121,6 +126,8 @@ class BatchAugment:
                 w = torch.full((b,), width, dtype=torch.long, device=x.device)
             flip = torch.rand(b, generator=generator, device=x.device) < self.hflip if self.hflip > 0 else None
             x = resized_crop(x, top, left, h, w, self.image_size, flip)
+        if self.trivial_augment > 0:
+            x = trivial_augment(x, generator, self.trivial_augment)
         x = x * self.normalize.scale + self.normalize.shift
         if self.random_erasing > 0:
             x = random_erasing(x, self.random_erasing, generator)

@@ -118,11 +118,18 @@ class WeightEMA:
         torch._foreach_lerp_(self._ema, [p.detach() for p in self._src], 1.0 - d)
 
 
-def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device, repeats: int = 1) -> torch.Tensor:
     """The shuffled sample order of an epoch: a pure function of (seed, epoch), so a
-    resumed run draws exactly the batches the uninterrupted one would have."""
+    resumed run draws exactly the batches the uninterrupted one would have.
+
+    With ``repeats`` > 1 (repeated augmentation, Hoffer et al. 2020), n/repeats distinct
+    images each appear ``repeats`` times in a row, so their copies share a batch and get
+    different augmentations; the epoch keeps its length of n samples."""
     g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).to(device)
+    order = torch.randperm(n, generator=g)
+    if repeats > 1:
+        order = order[: -(-n // repeats)].repeat_interleave(repeats)[:n]
+    return order.to(device)
 
 
 @torch.inference_mode()
@@ -282,7 +289,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     train_labels = data.train.labels.to(device)
     normalize = Normalize(data.mean, data.std, device)
     augment = BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip,
-                           cfg.random_erasing)
+                           cfg.random_erasing, cfg.trivial_augment)
     mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
 
     # ---- model and optimizer
@@ -360,7 +367,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     with stop_on_signals() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
-            order = epoch_order(n_train, cfg.seed, epoch, device)
+            order = epoch_order(n_train, cfg.seed, epoch, device, cfg.repeated_augment)
             first = start_batch if epoch == start_epoch else 0
             if first == 0:
                 sums.zero_()
