@@ -18,6 +18,7 @@ import yaml
 from .errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder")
+PATCH_EMBEDS = ("conv", "linear", "spt", "conv-stem", "conv-pool")  # the tokenizers of model.PatchEmbed
 
 
 def _f(default: Any, help: str, **meta: Any) -> Any:
@@ -47,7 +48,7 @@ class TrainConfig:
     drop_path: float = _f(0.0, "stochastic depth: drop rate of the last block's residual branches (linearly less for earlier blocks)")
     layer_scale: float = _f(0.0, "LayerScale initial value on each residual branch (0: off; 1e-4 is usual)")
     pool: str = _f("cls", "what feeds the head: 'cls' (class token) or 'mean' (mean of patch tokens)", choices=("cls", "mean"))
-    patch_embed: str = _f("conv", "tokenizer: 'conv' or 'linear' (the plain patch projection), 'spt' (shifted patch tokenization), 'conv-stem' (a 3x3 conv first: overlapping patches) or 'conv-pool' (CCT tokenizer: 3x3 conv + max-pool stages)", choices=("conv", "linear", "spt", "conv-stem", "conv-pool"))
+    patch_embed: str = _f("conv", "tokenizer: 'conv' or 'linear' (the plain patch projection), 'spt' (shifted patch tokenization), 'conv-stem' (a 3x3 conv first: overlapping patches) or 'conv-pool' (CCT tokenizer: 3x3 conv + max-pool stages)", choices=PATCH_EMBEDS)
     lsa: bool = _f(False, "locality self-attention: learnable temperature, tokens do not attend to themselves")
     attention: str = _f("auto", "attention kernel: 'sdpa', 'explicit', or 'auto' (fastest measured for the device)", choices=("auto", "sdpa", "explicit"))
     # --- optimisation
@@ -130,8 +131,7 @@ class TrainConfig:
         need(0 < lo <= hi, f"--crop-ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
         need(0 <= self.hflip <= 1, f"--hflip is a probability in [0, 1], got {self.hflip}")
         need(self.pool in ("cls", "mean"), f"--pool must be 'cls' or 'mean', got {self.pool!r}")
-        need(self.patch_embed in ("conv", "linear", "spt", "conv-stem", "conv-pool"),
-             f"--patch-embed must be conv, linear, spt, conv-stem or conv-pool, got {self.patch_embed!r}")
+        need(self.patch_embed in PATCH_EMBEDS, f"--patch-embed must be one of {', '.join(PATCH_EMBEDS)}, got {self.patch_embed!r}")
         need(self.attention in ("auto", "sdpa", "explicit"), f"--attention must be auto, sdpa or explicit, got {self.attention!r}")
         need(self.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),

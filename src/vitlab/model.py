@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import PATCH_EMBEDS
 from .errors import ConfigError
 
 
@@ -77,8 +78,8 @@ class ViTConfig:
             raise ConfigError(f"layer-scale must be >= 0 (0 disables), got {self.layer_scale}")
         if self.pool not in ("cls", "mean"):
             raise ConfigError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
-        if self.patch_embed not in ("conv", "linear", "spt", "conv-stem", "conv-pool"):
-            raise ConfigError(f"patch-embed must be conv, linear, spt, conv-stem or conv-pool, got {self.patch_embed!r}")
+        if self.patch_embed not in PATCH_EMBEDS:
+            raise ConfigError(f"patch-embed must be one of {', '.join(PATCH_EMBEDS)}, got {self.patch_embed!r}")
         if self.patch_embed == "conv-pool" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
             raise ConfigError(f"patch-embed conv-pool halves the image per stage: patch-size must be 2, 4, 8 ..., got {self.patch_size}")
         if self.patch_embed == "spt" and self.patch_size % 2:

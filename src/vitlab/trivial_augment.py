@@ -27,7 +27,7 @@ def magnitude_of(op: str, bin_index: torch.Tensor, image_size: int) -> torch.Ten
     if op in ("shear_x", "shear_y"):
         return 0.99 * t
     if op in ("translate_x", "translate_y"):
-        return 32.0 * t * image_size / 32.0  # torchvision: 32 px for wide, at its native 32 px scale
+        return t * image_size  # torchvision: up to 32 px, i.e. the whole side of a 32 px image
     if op == "rotate":
         return 135.0 * t
     if op in ("brightness", "color", "contrast", "sharpness"):
