@@ -25,6 +25,7 @@ from common import append_results, command_line, machine  # noqa: E402
 
 from vitlab.augment import BatchAugment, Normalize  # noqa: E402
 from vitlab.data import load_dataset  # noqa: E402
+from vitlab.runtime import keep_freed_memory  # noqa: E402
 
 
 class PerImageCIFAR(Dataset):
@@ -85,6 +86,8 @@ def main() -> None:
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     device = torch.device(args.device)
+    # As `vitlab train` does; process-wide, so forked DataLoader workers inherit it too.
+    allocator = "glibc keeps freed blocks (vitlab.runtime.keep_freed_memory)" if keep_freed_memory(device) else "default allocator"
     data = load_dataset(args.dataset, args.data_dir, val_size=0, download=False)
     imgs, labels = data.train.images, data.train.labels
     print(f"machine: {machine()}; {len(imgs)} {args.dataset} training images")
@@ -114,7 +117,7 @@ def main() -> None:
         lines.append(f"| {policy} | {name} | {v:,.0f} | {v / base:.1f}x |")
     body = (f"{args.dataset} train split, batch {args.batch}, RandomResizedCrop(32, scale 0.08-1) + flip (+ TrivialAugmentWide) "
             f"+ normalise; best of 3 interleaved rounds ({10 * args.batches} batches for vitlab, {args.batches} for the "
-            f"loaders)\n\n" + "\n".join(lines))
+            f"loaders); {allocator}\n\n" + "\n".join(lines))
     print(body)
     if not args.no_record:
         append_results("Data pipeline throughput (benchmarks/pipeline.py)", command_line(), body)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, append_results, build_peer, command_line, machine, matmul_peak, median, timed  # noqa: E402
 
 from vitlab.model import ViT, ViTConfig  # noqa: E402
-from vitlab.runtime import autocast, resolve_attention  # noqa: E402
+from vitlab.runtime import autocast, keep_freed_memory, resolve_attention  # noqa: E402
 from vitlab.train import apply_gradients, build_optimizer, loss_and_logits  # noqa: E402
 
 IMPLS = ["vitlab", "timm", "vit-pytorch", "tutorial"]
@@ -103,7 +103,9 @@ def main() -> None:
     args = p.parse_args()
     BATCH = args.batch
     device = torch.device(args.device)
-    print(f"machine: {machine()}")
+    # `vitlab train` sets this; here it is on for every implementation alike, so the ratios compare model code.
+    allocator = "glibc keeps freed blocks for all implementations" if keep_freed_memory(device) else "default allocator"
+    print(f"machine: {machine()}; {allocator}")
 
     peaks = {prec: matmul_peak(device, torch.bfloat16 if prec == "bf16" else torch.float32) for prec in args.precisions}
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
@@ -126,7 +128,7 @@ def main() -> None:
                     print(line, flush=True)
     peak_line = "matmul peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items())
     flop_line = ", ".join(f"{c} {flops_of[c] / 1e9:.3f} GFLOP" for c in args.configs)
-    body = f"batch {BATCH}; FLOPs per training image: {flop_line}; {peak_line}\n\n" + "\n".join(lines)
+    body = f"batch {BATCH}; FLOPs per training image: {flop_line}; {peak_line}; {allocator}\n\n" + "\n".join(lines)
     print("\n" + body)
     if not args.no_record:
         append_results("Training step throughput (benchmarks/train_step.py)", command_line(), body)

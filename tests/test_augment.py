@@ -108,3 +108,14 @@ def test_augment_is_reproducible_from_its_generator_and_keeps_range():
     lo, hi = (0 - 0.5) / 0.25, (1 - 0.5) / 0.25  # bilinear output stays within the input's range
     assert a.min() >= lo - 1e-5 and a.max() <= hi + 1e-5 and a.shape == (64, 3, 32, 32)
     assert not math.isnan(a.sum().item())
+
+
+def test_normalisation_never_writes_into_the_callers_batch():
+    norm = Normalize((0.5,) * 3, (0.25,) * 3)
+    images = torch.rand(4, 3, 8, 8) * 255
+    before = images.clone()
+    for aug in (BatchAugment(norm, 8), BatchAugment(norm, 8, crop=True, hflip=0.5)):
+        out = aug(images, torch.Generator().manual_seed(0))
+        assert torch.equal(images, before) and out.shape == images.shape
+    torch.testing.assert_close(BatchAugment(norm, 8)(images), (before / 255 - 0.5) / 0.25)
+    assert torch.equal(norm(images), BatchAugment(norm, 8)(images)) and torch.equal(images, before)

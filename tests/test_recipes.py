@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 from vitlab import TrainConfig, ViT, ViTConfig
 from vitlab.errors import ConfigError
 from vitlab.augment import mix_batch, random_erasing
+from vitlab.checkpoint import read_meta
+from vitlab.predict import evaluate_checkpoint
 from vitlab.train import TrainingInterrupted, WeightEMA, predict_logits, train
 
 SMALL = dict(image_size=16, channels=3, num_classes=5, patch_size=4, depth=4, heads=2, dim=32, mlp_dim=64)
@@ -136,6 +138,21 @@ def test_recipe_elements_train_report_ema_and_resume_exactly(tmp_path):
         b = load_file(str(resumed.run_dir / ckpt / "model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a), ckpt
     assert (straight.run_dir / "metrics.csv").read_text() == (resumed.run_dir / "metrics.csv").read_text()
+
+
+def test_flip_averaging_is_for_the_final_table_and_per_epoch_validation_is_single_view(tmp_path):
+    run = train(TrainConfig(out=str(tmp_path), epochs=6, tta_flip=True, ema_decay=0.9), progress=False, log=lambda s: None)
+    with open(run.run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    best = run.run_dir / "best"
+    chosen = read_meta(best, verify=False).extra
+    logged_loss = float(rows[chosen["epoch"] - 1]["val_ema_loss" if chosen["weights"] == "ema" else "val_loss"])
+    single = evaluate_checkpoint(best, batch_size=256, tta_flip=False)["Val"]
+    flipped = evaluate_checkpoint(best, batch_size=256)["Val"]
+    assert logged_loss < 2.0  # it learned something, so a mirror image reads differently
+    assert logged_loss == pytest.approx(single[0], rel=1e-5)
+    assert run.results["Val"][0] == pytest.approx(flipped[0], rel=1e-5)
+    assert abs(flipped[0] - single[0]) > 1e-2
 
 
 @pytest.mark.parametrize("tokenizer", ["spt", "conv-stem", "conv-pool"])

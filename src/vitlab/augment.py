@@ -19,65 +19,79 @@ import torch.nn.functional as F
 from .trivial_augment import trivial_augment
 
 
-def sample_crop_params(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                       generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                       tries: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sample (top, left, h, w) as int64 tensors, distributed as
-    ``torchvision.transforms.RandomResizedCrop.get_params``."""
+def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                      generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                      tries: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample crop boxes distributed as ``torchvision.transforms.RandomResizedCrop.get_params``
+    (up to ``tries`` draws of area and log-uniform aspect ratio, the first that fits is kept,
+    else a centre crop), as float (n, 2) tensors of whole pixels: corner (top, left) and
+    size (h, w). Float, because the coordinates are computed from them next."""
     area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     # float32 draws, like torchvision's own (torch.empty(1).uniform_)
     u = torch.rand(n, tries, 2, generator=generator, device=device)
-    target_area = area * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
-    w = torch.sqrt(target_area * aspect).round().long()
-    h = torch.sqrt(target_area / aspect).round().long()
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.int().argmax(dim=1)  # index of the first valid try
-    pick = first.unsqueeze(1)
-    w = w.gather(1, pick).squeeze(1)
-    h = h.gather(1, pick).squeeze(1)
+    target_area = u[..., 0].mul(area * (scale[1] - scale[0])).add_(area * scale[0])
+    aspect = u[..., 1].mul(log_hi - log_lo).add_(log_lo).exp_()
+    hw = torch.stack([(target_area / aspect).sqrt_(), (target_area * aspect).sqrt_()], -1).round_()  # (n, tries, 2)
+    limit = torch.tensor([height, width], device=device, dtype=hw.dtype)
+    ok = ((hw <= limit) & (hw >= 1)).all(-1)
+    first = ok.byte().argmax(dim=1)  # index of the first valid try
+    hw = hw.gather(1, first.view(n, 1, 1).expand(n, 1, 2)).squeeze(1)
 
     # torchvision's fallback when all tries fail: a centre crop with the ratio clamped.
     in_ratio = width / height
     if in_ratio < ratio[0]:
-        fw, fh = width, int(round(width / ratio[0]))
+        fallback = (int(round(width / ratio[0])), width)
     elif in_ratio > ratio[1]:
-        fw, fh = int(round(height * ratio[1])), height
+        fallback = (height, int(round(height * ratio[1])))
     else:
-        fw, fh = width, height
-    any_ok = ok.any(dim=1)
-    w = torch.where(any_ok, w, torch.full_like(w, fw))
-    h = torch.where(any_ok, h, torch.full_like(h, fh))
-
-    r = torch.rand(n, 2, generator=generator, device=device)
-    top = torch.where(any_ok, (r[:, 0] * (height - h + 1)).floor().long(), (height - h) // 2)
-    left = torch.where(any_ok, (r[:, 1] * (width - w + 1)).floor().long(), (width - w) // 2)
-    return top, left, h, w
+        fallback = (height, width)
+    any_ok = ok.any(dim=1, keepdim=True)
+    hw = torch.where(any_ok, hw, torch.tensor(fallback, device=device, dtype=hw.dtype))
+    room = limit - hw
+    corner = torch.where(any_ok, (torch.rand(n, 2, generator=generator, device=device) * (room + 1)).floor_(),
+                         (room / 2).floor_())
+    return corner, hw
 
 
-def window_coords(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int,
-                  flip: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, out_size) sampling positions, in grid_sample's [-1, 1] units, that resize the
-    window [start, start+length) of an axis to out_size pixels exactly as
-    ``F.interpolate(mode='bilinear', align_corners=False)`` does on the cropped window:
-    the source index is clamped to the window's first and last pixel."""
-    o = torch.arange(out_size, device=start.device, dtype=torch.float32)
-    src = ((o + 0.5) * (length.to(torch.float32).unsqueeze(1) / out_size) - 0.5).clamp_min(0.0)
-    src = torch.minimum(src, (length - 1).to(torch.float32).unsqueeze(1)) + start.to(torch.float32).unsqueeze(1)
-    if flip is not None:
-        src = torch.where(flip.unsqueeze(1), src.flip(1), src)
-    return (2 * src + 1) / in_size - 1
+def sample_crop_params(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                       generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                       tries: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sample_crop_boxes`` as torchvision's (top, left, h, w), int64 tensors."""
+    corner, hw = sample_crop_boxes(n, height, width, scale, ratio, generator, device, tries)
+    corner, hw = corner.long(), hw.long()
+    return corner[:, 0], corner[:, 1], hw[:, 0], hw[:, 1]
+
+
+def crop_grid(corner: torch.Tensor, size: torch.Tensor, height: int, width: int, out_size: int,
+              flip: torch.Tensor | None = None) -> torch.Tensor:
+    """The (B, out, out, 2) ``grid_sample`` grid that resizes each box (float (B, 2) corner
+    and size, (y, x) order) to out_size x out_size exactly as
+    ``F.interpolate(mode='bilinear', align_corners=False)`` does on the cropped box: source
+    position (j + 0.5) * size / out - 0.5, clamped to the box's first and last pixel. A
+    mirrored box reads the same positions in reverse: with j measured from the centre,
+    that is the same line with a negative slope, so flipping costs no extra pass."""
+    centred = torch.arange(out_size, device=size.device, dtype=torch.float32).sub_((out_size - 1) / 2)
+    step = size / out_size  # (B, 2)
+    slope = step if flip is None else step * torch.stack([torch.ones_like(flip, dtype=step.dtype),
+                                                           1.0 - 2.0 * flip.to(step.dtype)], 1)
+    src = (slope.unsqueeze(-1) * centred).add_((size * 0.5 - 0.5).unsqueeze(-1))  # (B, 2, out)
+    src = torch.minimum(src.clamp_min_(0.0), (size - 1).unsqueeze(-1)).add_(corner.unsqueeze(-1))
+    extent = torch.tensor([height, width], device=size.device, dtype=torch.float32).view(1, 2, 1)
+    src = src.mul_(2.0 / extent).add_(1.0 / extent - 1.0)  # grid_sample's [-1, 1] units
+    grid = torch.empty(len(size), out_size, out_size, 2, device=size.device)
+    grid[..., 0] = src[:, 1].unsqueeze(1)  # x varies along a row
+    grid[..., 1] = src[:, 0].unsqueeze(2)
+    return grid
 
 
 def resized_crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
                  out_size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
     """Crop each image of a float batch (B, C, H, W) to its own window, resize to
     out_size x out_size (bilinear) and optionally mirror it: one grid_sample call."""
-    b, _, height, width = images.shape
-    gx = window_coords(left, w, width, out_size, flip)  # (B, O)
-    gy = window_coords(top, h, height, out_size)
-    grid = torch.stack([gx.unsqueeze(1).expand(b, out_size, out_size), gy.unsqueeze(2).expand(b, out_size, out_size)], -1)
+    corner = torch.stack([top, left], 1).float()
+    size = torch.stack([h, w], 1).float()
+    grid = crop_grid(corner, size, images.shape[2], images.shape[3], out_size, flip)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -91,7 +105,10 @@ class Normalize:
         self.shift = -mean_t / std_t
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return images.float() * self.scale + self.shift
+        x = images.float()
+        if x is images:  # already float: leave the caller's tensor alone
+            return x * self.scale + self.shift
+        return x.mul_(self.scale).add_(self.shift)  # in place on the fresh copy: 21 us, not 33, per CIFAR batch
 
 
 class BatchAugment:
@@ -119,16 +136,19 @@ class BatchAugment:
         b, _, height, width = x.shape
         if self.active:
             if self.crop:
-                top, left, h, w = sample_crop_params(b, height, width, self.crop_scale, self.crop_ratio, generator, x.device)
+                corner, size = sample_crop_boxes(b, height, width, self.crop_scale, self.crop_ratio, generator, x.device)
             else:
-                top = left = torch.zeros(b, dtype=torch.long, device=x.device)
-                h = torch.full((b,), height, dtype=torch.long, device=x.device)
-                w = torch.full((b,), width, dtype=torch.long, device=x.device)
+                corner = torch.zeros(b, 2, device=x.device)
+                size = torch.tensor([[height, width]], dtype=torch.float32, device=x.device).expand(b, 2)
             flip = torch.rand(b, generator=generator, device=x.device) < self.hflip if self.hflip > 0 else None
-            x = resized_crop(x, top, left, h, w, self.image_size, flip)
+            grid = crop_grid(corner, size, height, width, self.image_size, flip)
+            # (At a CIFAR batch of 128 on the CPU, grid_sample is half of this call's time, the small
+            # tensor ops that build the grid about a third.)
+            x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         if self.trivial_augment > 0:
             x = trivial_augment(x, generator, self.trivial_augment)
-        x = x * self.normalize.scale + self.normalize.shift
+        scale, shift = self.normalize.scale, self.normalize.shift
+        x = x.mul_(scale).add_(shift) if x is not images else x * scale + shift  # in place on our own copy
         if self.random_erasing > 0:
             x = random_erasing(x, self.random_erasing, generator)
         return x

@@ -73,7 +73,7 @@ class TrainConfig:
     mixup_alpha: float = _f(0.0, "Mixup with Beta(alpha, alpha) mixing weights (0: off)")
     cutmix_alpha: float = _f(0.0, "CutMix with Beta(alpha, alpha) area fractions (0: off; with mixup, each batch picks one)")
     ema_decay: float = _f(0.0, "keep an exponential moving average of the weights with this decay, evaluated beside the raw weights (0: off; 0.999 is usual)")
-    tta_flip: bool = _f(False, "evaluate on each image and its mirror image, averaging the logits")
+    tta_flip: bool = _f(False, "final evaluation (results table, predictions, vitlab evaluate) averages the logits of each image and its mirror image; per-epoch validation stays single-view")
     # --- runtime
     device: str = _f("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     precision: str = _f("auto", "'auto' (bf16 where the device computes it natively), 'bf16' or 'fp32'", choices=("auto", "bf16", "fp32"))

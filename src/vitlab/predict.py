@@ -14,12 +14,13 @@ from .config import TrainConfig
 from .data import load_dataset
 from .errors import CheckpointError
 from .model import ViT
-from .runtime import resolve_attention, resolve_device, resolve_precision
+from .runtime import keep_freed_memory, resolve_attention, resolve_device, resolve_precision
 
 
 def _load(checkpoint: Path, device: str):
     meta = read_meta(checkpoint)
     dev = resolve_device(device)
+    keep_freed_memory(dev)
     amp = resolve_precision("auto", dev)
     meta.model.attention = resolve_attention("auto", dev, amp)  # same function, fastest kernel here
     model = ViT(meta.model)
@@ -28,8 +29,10 @@ def _load(checkpoint: Path, device: str):
 
 
 def evaluate_checkpoint(checkpoint: Path, data_dir: str | None = None, download: bool | None = None,
-                        device: str = "auto", batch_size: int = 1024) -> dict[str, tuple[float, float]]:
-    """(loss, accuracy) on Train / Val / Test, with the splits the run trained on."""
+                        device: str = "auto", batch_size: int = 1024, tta_flip: bool | None = None
+                        ) -> dict[str, tuple[float, float]]:
+    """(loss, accuracy) on Train / Val / Test, with the splits the run trained on; flip
+    averaging as the run's config says unless ``tta_flip`` is given."""
     from .train import evaluate
 
     checkpoint = Path(checkpoint)
@@ -43,7 +46,8 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: str | None = None, download:
             f"{checkpoint}: trained for {meta.model.num_classes} classes of {meta.model.channels}x{meta.model.image_size}px "
             f"images, but {cfg.dataset} has {len(data.classes)} classes of {data.channels}x{data.image_size}px")
     normalize = Normalize(meta.mean, meta.std, dev)
-    return {split: evaluate(model, subset, normalize, batch_size, dev, amp, cfg.tta_flip)
+    return {split: evaluate(model, subset, normalize, batch_size, dev, amp,
+                           cfg.tta_flip if tta_flip is None else tta_flip)
             for split, subset in (("Train", data.train), ("Val", data.val), ("Test", data.test))}
 
 

@@ -31,7 +31,7 @@ from .config import TrainConfig
 from .data import DatasetSplits, ImageSet, load_dataset
 from .errors import CheckpointError, ConfigError, VitlabError
 from .model import ViT, ViTConfig, flops_per_image
-from .runtime import autocast, resolve_attention, resolve_device, resolve_precision, synchronize
+from .runtime import autocast, keep_freed_memory, resolve_attention, resolve_device, resolve_precision, synchronize
 
 
 class TrainingInterrupted(VitlabError):
@@ -273,6 +273,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     device = resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
     attention = resolve_attention(cfg.attention, device, amp_dtype)
+    keep_freed_memory(device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -419,13 +420,15 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
             epoch_seconds = time.perf_counter() - t_epoch
             raise_if_nonfinite()
             loss_sum, correct, seen = sums.tolist()
-            val_loss, val_acc = evaluate(model, data.val, normalize, cfg.eval_batch_size, device, amp_dtype, cfg.tta_flip)
+            # Per-epoch validation sees each image once; flip averaging (``tta_flip``) would double
+            # its cost every epoch and is kept for the final table, computed from the chosen checkpoint.
+            val_loss, val_acc = evaluate(model, data.val, normalize, cfg.eval_batch_size, device, amp_dtype)
             row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum / seen,
                    "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
             candidates = {"raw": (val_acc, model)}
             if ema is not None:
                 row["val_ema_loss"], row["val_ema_acc"] = evaluate(ema.model, data.val, normalize, cfg.eval_batch_size,
-                                                                   device, amp_dtype, cfg.tta_flip)
+                                                                   device, amp_dtype)
                 candidates["ema"] = (row["val_ema_acc"], ema.model)
             rows.append(row)
             _write_metrics(metrics_path, rows)
