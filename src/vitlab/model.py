@@ -91,6 +91,11 @@ class ViTConfig:
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
+    @property
+    def conv_pool_stages(self) -> int:
+        """Conv + max-pool stages of the conv-pool tokenizer: each halves the image, log2(patch)."""
+        return self.patch_size.bit_length() - 1
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -152,7 +157,7 @@ class PatchEmbed(nn.Module):
             self.proj = nn.Conv2d(cfg.dim // 2, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         else:  # conv-pool: the last stage's conv is `proj`, the earlier stages are the stem
             stages, c = [], cfg.channels
-            for _ in range(cfg.patch_size.bit_length() - 2):
+            for _ in range(cfg.conv_pool_stages - 1):
                 stages += [nn.Conv2d(c, cfg.dim // 2, 3, padding=1), ChannelsLast(), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
                 c = cfg.dim // 2
             self.stem = nn.Sequential(*stages)
@@ -354,8 +359,8 @@ def flops_per_image(cfg: ViTConfig, training: bool = True) -> float:
         patch = cfg.image_size**2 * cfg.channels * 9 * (d // 2) + cfg.num_patches * (d // 2) * cfg.patch_size**2 * d
     if cfg.patch_embed == "conv-pool":  # 3x3 convs at full, half, ... resolution; the last one to dim channels
         patch, c, side = 0, cfg.channels, cfg.image_size
-        for stage in range(cfg.patch_size.bit_length() - 1):
-            out = d if stage == cfg.patch_size.bit_length() - 2 else d // 2
+        for stage in range(cfg.conv_pool_stages):
+            out = d if stage == cfg.conv_pool_stages - 1 else d // 2
             patch += side * side * c * 9 * out
             c, side = out, side // 2
     per_block = n * (3 * d * d + d * d + 2 * d * m) + 2 * n * n * d  # projections, MLP, QK^T and AV
