@@ -26,6 +26,7 @@ from common import append_results, command_line, machine  # noqa: E402
 from vitlab.augment import BatchAugment, Normalize  # noqa: E402
 from vitlab.data import load_dataset  # noqa: E402
 from vitlab.runtime import keep_freed_memory  # noqa: E402
+from vitlab.train import crop_plans, epoch_order  # noqa: E402
 
 
 class PerImageCIFAR(Dataset):
@@ -60,17 +61,23 @@ def time_loader(loader, batches: int) -> float:
 
 def time_vitlab(images: torch.Tensor, labels: torch.Tensor, augment: BatchAugment, batch: int, batches: int,
                 device: torch.device) -> float:
+    """Batches drawn, cropped and augmented as vitlab.train does (crop plans included in the time)."""
     images, labels = images.to(device), labels.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
-    order = torch.randperm(len(images), device=device)
-    augment(images[order[:batch]], gen)  # warm-up
+    steps = len(images) // batch
+    augment(images[:batch], gen)  # warm-up
     if device.type == "cuda":
         torch.cuda.synchronize()
     t = time.perf_counter()
-    for b in range(1, batches + 1):
-        idx = order[(b * batch) % (len(images) - batch):][:batch]
-        augment(images.index_select(0, idx), gen)  # as vitlab.train draws batches
-        labels.index_select(0, idx)
+    done, epoch = 0, 0
+    while done < batches:
+        order = epoch_order(len(images), 0, epoch, device)
+        plans = crop_plans(augment, 0, epoch, 0, steps, batch, images.shape[2:], device)
+        for b, plan in zip(range(min(steps, batches - done)), plans):
+            idx = order[b * batch: (b + 1) * batch]
+            augment(images.index_select(0, idx), gen, plan)
+            labels.index_select(0, idx)
+        done, epoch = done + min(steps, batches - done), epoch + 1
     if device.type == "cuda":
         torch.cuda.synchronize()
     return batches * batch / (time.perf_counter() - t)

@@ -21,9 +21,11 @@ from vitlab.runtime import resolve_attention  # noqa: E402
 from vitlab.train import apply_gradients, build_optimizer, loss_and_logits  # noqa: E402
 
 
-def variant(cfg: dict, device, amp, batch: int, attention: str, patch_embed: str, fused: bool | None, compile_: bool):
+def variant(cfg: dict, device, amp, batch: int, attention: str, patch_embed: str, fused: bool | None, compile_: bool,
+            cls_only: bool = True):
     torch.manual_seed(0)
     model = ViT(ViTConfig(**cfg, attention=attention, patch_embed=patch_embed)).to(device)
+    model.cls_only_last_block = cls_only
     if fused is None:
         opt = build_optimizer(model, 1e-3, 0.05)
     else:
@@ -57,6 +59,8 @@ def main() -> None:
     variants = {
         "default": dict(attention=default_attn, patch_embed="conv", fused=None, compile_=False),
         f"attention={other_attn}": dict(attention=other_attn, patch_embed="conv", fused=None, compile_=False),
+        "cls_only_last_block off": dict(attention=default_attn, patch_embed="conv", fused=None, compile_=False,
+                                        cls_only=False),
         "patch_embed=linear": dict(attention=default_attn, patch_embed="linear", fused=None, compile_=False),
         "AdamW fused": dict(attention=default_attn, patch_embed="conv", fused=True, compile_=False),
         "AdamW foreach": dict(attention=default_attn, patch_embed="conv", fused=False, compile_=False),

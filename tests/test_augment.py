@@ -119,3 +119,32 @@ def test_normalisation_never_writes_into_the_callers_batch():
         assert torch.equal(images, before) and out.shape == images.shape
     torch.testing.assert_close(BatchAugment(norm, 8)(images), (before / 255 - 0.5) / 0.25)
     assert torch.equal(norm(images), BatchAugment(norm, 8)(images)) and torch.equal(images, before)
+
+
+def test_a_plan_drawn_in_advance_augments_exactly_as_drawing_per_batch():
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    aug = BatchAugment(Normalize((0.5,) * 3, (0.25,) * 3), 24, crop=True, hflip=0.5)
+    plan = aug.plan(64, 32, 32, torch.Generator().manual_seed(3))
+    assert plan.shape == (64, 2, 24)
+    drawn_here = aug(images, torch.Generator().manual_seed(3))
+    assert torch.equal(aug(images, None, plan), drawn_here)
+    # Rows of a plan for more images are the same operation: a batch uses its own slice.
+    big = aug.plan(256, 32, 32, torch.Generator().manual_seed(5))
+    assert torch.equal(aug(images[:8], None, big[100:108]), aug(images[:8], None, big[100:108].clone()))
+    assert not torch.equal(aug(images[:8], None, big[:8]), aug(images[:8], None, big[8:16]))
+    assert BatchAugment(Normalize((0.5,) * 3, (0.25,) * 3), 32).plan(4, 32, 32) is None  # nothing to plan
+
+
+def test_crop_plans_resume_exactly_and_differ_between_epochs():
+    from vitlab.train import PLAN_IMAGES, crop_plans
+    aug = BatchAugment(Normalize((0.5,), (0.25,)), 16, crop=True, hflip=0.5)
+    batch, steps = 1024, 3 * PLAN_IMAGES // 1024 + 5  # several blocks, the last one partial
+    whole = list(crop_plans(aug, 0, 2, 0, steps, batch, (16, 16), torch.device("cpu")))
+    assert len(whole) == steps and all(p.shape == (batch, 2, 16) for p in whole)
+    for first in (1, PLAN_IMAGES // batch, PLAN_IMAGES // batch + 3, steps - 1):  # resume mid-block and at a block start
+        resumed = list(crop_plans(aug, 0, 2, first, steps, batch, (16, 16), torch.device("cpu")))
+        assert all(torch.equal(a, b) for a, b in zip(whole[first:], resumed, strict=True))
+    assert not torch.equal(whole[0], whole[PLAN_IMAGES // batch])  # blocks are independent draws
+    other_epoch = next(crop_plans(aug, 0, 3, 0, steps, batch, (16, 16), torch.device("cpu")))
+    other_seed = next(crop_plans(aug, 1, 2, 0, steps, batch, (16, 16), torch.device("cpu")))
+    assert not torch.equal(whole[0], other_epoch) and not torch.equal(whole[0], other_seed)

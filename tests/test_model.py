@@ -32,14 +32,67 @@ def test_every_parameter_gets_a_gradient(pool, patch_embed):
 
 
 def test_attention_weights_returned_for_every_layer():
+    torch.manual_seed(0)
     model = ViT(ViTConfig(**SMALL)).eval()
-    logits, attentions = model(torch.randn(3, 3, 16, 16), return_attention=True)
+    torch.nn.init.normal_(model.head.weight)
+    x = torch.randn(3, 3, 16, 16)
+    logits, attentions = model(x, return_attention=True)
     assert len(attentions) == SMALL["depth"]
     for a in attentions:
         assert a.shape == (3, SMALL["heads"], 17, 17)  # 16 patches + class token
         torch.testing.assert_close(a.sum(-1), torch.ones(3, SMALL["heads"], 17))
         assert (a >= 0).all()
-    torch.testing.assert_close(logits, model(torch.randn(3, 3, 16, 16)) * 0 + logits)
+    # Maps need every token's attention in the last block; the logits are those of the shortcut path.
+    assert model.cls_only_last_block
+    torch.testing.assert_close(logits, model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [dict(attention="sdpa"), dict(attention="explicit"), dict(lsa=True),
+                                     dict(lsa=True, attention="explicit"),
+                                     dict(drop_path=0.3, layer_scale=0.1)],
+                         ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_class_token_shortcut_gives_the_same_logits_and_gradients(options):
+    """The last block computing only the class token's output is the same function with the
+    same gradients, in training mode too (stochastic depth draws the same per-sample masks;
+    dropout, off by default, draws masks for the computed tokens only, so its draws differ)."""
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(**{**SMALL, "depth": 3}, **options))
+    for p in model.parameters():  # every weight non-trivial, the head included
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(5, 3, 16, 16)
+    results = {}
+    for shortcut in (True, False):
+        model.cls_only_last_block = shortcut
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(x)
+        out.square().sum().backward()
+        results[shortcut] = out, [p.grad.clone() for p in model.parameters()]
+    (fast, fast_grads), (full, full_grads) = results[True], results[False]
+    assert fast.abs().max() > 1  # the logits carry the network, not just a bias
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    for (name, _), g_fast, g_full in zip(model.named_parameters(), fast_grads, full_grads, strict=True):
+        torch.testing.assert_close(g_fast, g_full, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_class_token_shortcut_saves_most_of_the_last_block():
+    cfg = ViTConfig(**{**SMALL, "depth": 3}, attention="explicit")
+    model = ViT(cfg)
+    x = torch.randn(2, 3, 16, 16)
+    counts = {}
+    for shortcut in (True, False):
+        model.cls_only_last_block = shortcut
+        with FlopCounterMode(display=False) as counter:
+            model(x)
+        counts[shortcut] = counter.get_total_flops() / 2 / 2  # per image, multiply-adds
+    n, d, m = cfg.num_patches + 1, cfg.dim, cfg.mlp_dim
+    # Skipped: the query projection, attention, output projection and MLP of the 16 patch tokens.
+    skipped = (n - 1) * (d * d + 2 * n * d + d * d + 2 * d * m)
+    assert counts[False] - counts[True] == skipped
+    mean_pool = ViT(ViTConfig(**{**SMALL, "depth": 3}, pool="mean", attention="explicit"))  # every token feeds the head: nothing to skip
+    with FlopCounterMode(display=False) as counter:
+        mean_pool(x)
+    assert counter.get_total_flops() / 2 == pytest.approx(flops_per_image(mean_pool.cfg, training=False), rel=0.01)
 
 
 def test_sdpa_and_explicit_attention_compute_the_same_function():
@@ -68,6 +121,7 @@ def test_flop_estimate_matches_torch_flop_counter():
     cfg = ViTConfig(image_size=32, channels=3, num_classes=10, patch_size=4, depth=2, heads=4, dim=64, mlp_dim=128,
                     attention="explicit")
     model = ViT(cfg)
+    model.cls_only_last_block = False  # the architecture's FLOPs, as peers compute them
     x = torch.randn(2, 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
         model(x)

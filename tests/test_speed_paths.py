@@ -23,6 +23,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_bf16_fast_path_matches_fp32_reference(attention, patch_embed):
     torch.manual_seed(0)
     ref = ViT(ViTConfig(**CFG, attention="sdpa")).eval()
+    ref.cls_only_last_block = False  # the straightforward model computes every token to the end
     torch.nn.init.normal_(ref.head.weight, std=0.5)  # a non-zero head, so logits carry the whole network
     fast = ViT(ViTConfig(**CFG, attention=attention, patch_embed=patch_embed)).eval()
     state = ref.state_dict()
@@ -58,6 +59,7 @@ def default_accuracy(tmp_path_factory):
     dict(precision="fp32"),
     dict(attention="sdpa"),
     dict(patch_embed="linear"),
+    dict(cls_only_last_block=False),
     dict(compile=True, precision="fp32"),
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_speed_options_do_not_change_accuracy(tmp_path, default_accuracy, options):

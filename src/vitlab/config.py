@@ -78,6 +78,7 @@ class TrainConfig:
     device: str = _f("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
     precision: str = _f("auto", "'auto' (bf16 where the device computes it natively), 'bf16' or 'fp32'", choices=("auto", "bf16", "fp32"))
     compile: bool = _f(False, "compile the model with torch.compile")
+    cls_only_last_block: bool = _f(True, "the last block computes the class token's output only, the one the head reads: the same logits for less work (pool cls)")
     eval_batch_size: int = _f(256, "batch size for evaluation (on the 2-core CPU, 256 ran 25-40% faster than 1024)")
     threads: int = _f(0, "CPU threads for torch (0: torch's default)")
     # --- output

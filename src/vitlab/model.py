@@ -193,14 +193,23 @@ class Attention(nn.Module):
         # LSA: a learnable temperature (stored as its log) replaces the fixed scale.
         self.log_temperature = nn.Parameter(torch.tensor(math.log(self.scale))) if cfg.lsa else None
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
+    def forward(self, x: torch.Tensor, return_attention: bool = False, queries: int | None = None):
+        """``queries``: only the first ``queries`` tokens attend (all tokens still serve as
+        keys and values); the output then has that many tokens."""
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        m = n if queries is None else queries
+        if m == n:
+            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # the same projection, with the query rows applied to the query tokens only
+            w_q, w_kv = self.qkv.weight.split([d, 2 * d])
+            b_q, b_kv = self.qkv.bias.split([d, 2 * d])
+            q = F.linear(x[:, :m], w_q, b_q).reshape(b, m, self.heads, self.head_dim).transpose(1, 2)
+            k, v = F.linear(x, w_kv, b_kv).reshape(b, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         p_drop = self.attn_dropout if self.training else 0.0
         attn = None
         scale = self.log_temperature.exp() if self.log_temperature is not None else self.scale
         # LSA masks the diagonal: a token may not attend to itself (True = may attend).
-        allowed = ~torch.eye(n, dtype=torch.bool, device=x.device) if self.log_temperature is not None else None
+        allowed = ~torch.eye(m, n, dtype=torch.bool, device=x.device) if self.log_temperature is not None else None
         if self.use_sdpa and not return_attention:
             if allowed is None:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)
@@ -212,7 +221,7 @@ class Attention(nn.Module):
                 attn = attn.masked_fill(~allowed, float("-inf"))
             attn = attn.softmax(dim=-1)
             out = F.dropout(attn, p_drop, self.training) @ v
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, d)))
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, d)))
         return out, attn
 
 
@@ -265,8 +274,11 @@ class Block(nn.Module):
         self.ls2 = LayerScale(cfg.dim, cfg.layer_scale) if cfg.layer_scale > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        a, attn = self.attn(self.norm1(x), return_attention)
+    def forward(self, x: torch.Tensor, return_attention: bool = False, queries: int | None = None):
+        """``queries``: compute the outputs of the first ``queries`` tokens only."""
+        a, attn = self.attn(self.norm1(x), return_attention, queries)
+        if queries is not None:
+            x = x[:, :queries]
         x = x + self.drop_path(self.ls1(a))
         x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x, attn
@@ -287,6 +299,10 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg, rate) for rate in rates])
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
+        # The head reads only the class token, so the last block need not compute the other
+        # tokens' outputs: the same logits for a sixth less work at depth 6 (switchable to
+        # compare; attention maps are always computed in full).
+        self.cls_only_last_block = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -318,8 +334,9 @@ class ViT(nn.Module):
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
         x = self.pos_drop(x + self.pos_embed.to(x.dtype))
         attentions = []
-        for block in self.blocks:
-            x, attn = block(x, return_attention)
+        shortcut = self.cls_only_last_block and self.cfg.pool == "cls" and not return_attention
+        for i, block in enumerate(self.blocks):
+            x, attn = block(x, return_attention, 1 if shortcut and i == len(self.blocks) - 1 else None)
             if return_attention:
                 attentions.append(attn)
         x = self.norm(x)
