@@ -76,8 +76,9 @@ def test_every_preset_is_valid():
 
 
 def test_fast_mnist_is_the_measured_configuration():
-    """benchmarks/RESULTS.md records fast-mnist's result with this command line."""
-    measured = load_preset("quick-mnist").replace(epochs=30, ema_decay=0.999, random_erasing=0.25, drop_path=0.1)
+    """benchmarks/RESULTS.md records fast-mnist as quick-mnist trained longer with three regularisers
+    (first measured with this command line at 30 epochs, then as the preset itself at 38)."""
+    measured = load_preset("quick-mnist").replace(epochs=38, ema_decay=0.999, random_erasing=0.25, drop_path=0.1)
     assert load_preset("fast-mnist") == measured
 
 

@@ -144,6 +144,7 @@ def crop_plans(augment: BatchAugment, seed: int, epoch: int, first: int, steps: 
     block = None
     for b in range(first, steps):
         if b == first or b % per_block == 0:
+            # (+ 7: not the seed epoch_order uses for the same seed and epoch)
             g = torch.Generator(device=device).manual_seed(((seed * 1_000_003 + epoch) * 65_537 + b // per_block + 7)
                                                            % 2**63)
             block = augment.plan(per_block * batch_size, *image_hw, g, device)
