@@ -73,11 +73,12 @@ def time_vitlab(images: torch.Tensor, labels: torch.Tensor, augment: BatchAugmen
     while done < batches:
         order = epoch_order(len(images), 0, epoch, device)
         plans = crop_plans(augment, 0, epoch, 0, steps, batch, images.shape[2:], device)
-        for b, plan in zip(range(min(steps, batches - done)), plans):
+        n = min(steps, batches - done)
+        for b, plan in zip(range(n), plans):
             idx = order[b * batch: (b + 1) * batch]
             augment(images.index_select(0, idx), gen, plan)
             labels.index_select(0, idx)
-        done, epoch = done + min(steps, batches - done), epoch + 1
+        done, epoch = done + n, epoch + 1
     if device.type == "cuda":
         torch.cuda.synchronize()
     return batches * batch / (time.perf_counter() - t)
