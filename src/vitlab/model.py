@@ -194,18 +194,24 @@ class Attention(nn.Module):
         # LSA: a learnable temperature (stored as its log) replaces the fixed scale.
         self.log_temperature = nn.Parameter(torch.tensor(math.log(self.scale))) if cfg.lsa else None
 
+    def _split_heads(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, N, parts * dim) projections -> ``parts`` tensors of (B, heads, N, head_dim)."""
+        b, n, width = t.shape
+        parts = width // (self.heads * self.head_dim)
+        return t.reshape(b, n, parts, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+
     def forward(self, x: torch.Tensor, return_attention: bool = False, queries: int | None = None):
         """``queries``: only the first ``queries`` tokens attend (all tokens still serve as
         keys and values); the output then has that many tokens."""
         b, n, d = x.shape
         m = n if queries is None else queries
         if m == n:
-            q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = self._split_heads(self.qkv(x))
         else:  # the same projection, with the query rows applied to the query tokens only
             w_q, w_kv = self.qkv.weight.split([d, 2 * d])
             b_q, b_kv = self.qkv.bias.split([d, 2 * d])
-            q = F.linear(x[:, :m], w_q, b_q).reshape(b, m, self.heads, self.head_dim).transpose(1, 2)
-            k, v = F.linear(x, w_kv, b_kv).reshape(b, n, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            (q,) = self._split_heads(F.linear(x[:, :m], w_q, b_q))
+            k, v = self._split_heads(F.linear(x, w_kv, b_kv))
         p_drop = self.attn_dropout if self.training else 0.0
         attn = None
         scale = self.log_temperature.exp() if self.log_temperature is not None else self.scale
