@@ -99,18 +99,6 @@ def machine() -> str:
     return desc
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 20) -> float:
-    """Measured FLOP/s of a large square matrix product, its fastest of ``reps`` after three
-    warm-up calls: the ceiling MFU is quoted against. (With one warm-up and the median of
-    five, the 2-core CPU once read 482 bf16 GFLOP/s against ~930 in other runs.)"""
-    n = n or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    return 2 * n**3 / min(timed(lambda: a @ b, device) for _ in range(reps))
-
-
 def append_results(title: str, command: str, body: str) -> None:
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"\n## {title}\n\n- command: `{command}`\n- machine: {machine()}\n"

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CONFIGS, append_results, build_peer, command_line, machine, matmul_peak, median, timed  # noqa: E402
+from common import CONFIGS, append_results, build_peer, command_line, machine, median, timed  # noqa: E402
 
-from vitlab.model import ViT, ViTConfig  # noqa: E402
-from vitlab.runtime import autocast, keep_freed_memory, resolve_attention  # noqa: E402
+from vitlab.model import Kernels, ViT, ViTConfig  # noqa: E402
+from vitlab.runtime import autocast, keep_freed_memory, matmul_peak, resolve_attention  # noqa: E402
 from vitlab.train import apply_gradients, build_optimizer, loss_and_logits  # noqa: E402
 
 IMPLS = ["vitlab", "timm", "vit-pytorch", "tutorial"]
@@ -33,7 +33,7 @@ def make_step(name: str, cfg: dict, device: torch.device, amp: torch.dtype | Non
     """A zero-argument callable running one training step on a fixed random batch."""
     torch.manual_seed(0)
     if name == "vitlab":  # exactly the calls vitlab.train makes
-        model = ViT(ViTConfig(**cfg, attention=resolve_attention("auto", device, amp))).to(device)
+        model = ViT(ViTConfig(**cfg), Kernels(attention=resolve_attention("auto", device, amp))).to(device)
         opt = build_optimizer(model, 1e-3, 0.05)
     else:
         model = build_peer(name, cfg).to(device)
@@ -61,8 +61,8 @@ def make_step(name: str, cfg: dict, device: torch.device, amp: torch.dtype | Non
 
 
 def train_flops(cfg: dict, device: torch.device) -> float:
-    model = ViT(ViTConfig(**cfg, attention="explicit")).to(device)
-    model.cls_only_last_block = False  # the architecture's FLOPs, the same for every implementation
+    # the architecture's FLOPs, the same for every implementation
+    model = ViT(ViTConfig(**cfg), Kernels(attention="explicit", cls_only_last_block=False)).to(device)
     x = torch.randn(2, cfg["channels"], cfg["image_size"], cfg["image_size"], device=device)
     with FlopCounterMode(display=False) as counter:
         model(x).sum().backward()
@@ -108,7 +108,7 @@ def main() -> None:
     allocator = "glibc keeps freed blocks for all implementations" if keep_freed_memory(device) else "default allocator"
     print(f"machine: {machine()}; {allocator}")
 
-    peaks = {prec: matmul_peak(device, torch.bfloat16 if prec == "bf16" else torch.float32) for prec in args.precisions}
+    peaks = {prec: matmul_peak(device, torch.bfloat16 if prec == "bf16" else None) for prec in args.precisions}
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     lines = ["| config | precision | compile | impl | params | img/s | vs timm | MFU |", "|---|---|---|---|---|---|---|---|"]

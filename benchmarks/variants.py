@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, append_results, command_line, machine, median, timed  # noqa: E402
 
-from vitlab.model import ViT, ViTConfig  # noqa: E402
+from vitlab.model import Kernels, ViT, ViTConfig  # noqa: E402
 from vitlab.runtime import resolve_attention  # noqa: E402
 from vitlab.train import apply_gradients, build_optimizer, loss_and_logits  # noqa: E402
 
@@ -24,8 +24,7 @@ from vitlab.train import apply_gradients, build_optimizer, loss_and_logits  # no
 def variant(cfg: dict, device, amp, batch: int, attention: str, patch_embed: str, fused: bool | None, compile_: bool,
             cls_only: bool = True):
     torch.manual_seed(0)
-    model = ViT(ViTConfig(**cfg, attention=attention, patch_embed=patch_embed)).to(device)
-    model.cls_only_last_block = cls_only
+    model = ViT(ViTConfig(**cfg, patch_embed=patch_embed), Kernels(attention, cls_only)).to(device)
     if fused is None:
         opt = build_optimizer(model, 1e-3, 0.05)
     else:

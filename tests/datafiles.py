@@ -89,3 +89,13 @@ def _tar(folder: Path, archive: Path) -> None:
 
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def trust_archive(monkeypatch, name: str, archive: Path) -> None:
+    """Make ``archive`` the 'official' archive of dataset ``name`` for this test: vitlab
+    extracts only archives whose MD5 it knows, and a test's own archive is not CIFAR's."""
+    from vitlab import data as vdata
+
+    official = vdata.REMOTE[name][0]
+    monkeypatch.setitem(vdata.REMOTE, name, [vdata.RemoteFile(official.filename, md5(archive), official.urls,
+                                                              archive.stat().st_size)])

@@ -14,7 +14,7 @@ from vitlab import data as vdata
 from vitlab.data import RemoteFile, load_dataset
 from vitlab.errors import DataError
 
-from .datafiles import idx_bytes, md5, write_cifar10, write_cifar100, write_idx_dataset
+from .datafiles import idx_bytes, md5, trust_archive, write_cifar10, write_cifar100, write_idx_dataset
 
 
 # ------------------------------------------------------------ real datasets
@@ -81,8 +81,9 @@ def test_idx_files_round_trip(tmp_path, gz):
     assert np.array_equal(d.test.labels.numpy(), arrays["t10k-labels-idx1-ubyte"])
 
 
-def test_cifar10_tarball_is_extracted_and_read(tmp_path):
+def test_cifar10_tarball_is_extracted_and_read(tmp_path, monkeypatch):
     written = write_cifar10(tmp_path, as_tarball=True)
+    trust_archive(monkeypatch, "cifar10", tmp_path / "cifar-10-python.tar.gz")
     assert not (tmp_path / "cifar-10-batches-py").exists()
     d = load_dataset("cifar10", tmp_path, val_size=0, download=False)
     assert (tmp_path / "cifar-10-batches-py").is_dir()
@@ -94,8 +95,9 @@ def test_cifar10_tarball_is_extracted_and_read(tmp_path):
     assert d.train.labels[12:24].tolist() == labels
 
 
-def test_cifar100_tarball(tmp_path):
+def test_cifar100_tarball(tmp_path, monkeypatch):
     written = write_cifar100(tmp_path, as_tarball=True)
+    trust_archive(monkeypatch, "cifar100", tmp_path / "cifar-100-python.tar.gz")
     d = load_dataset("cifar100", tmp_path, val_size=0, download=False, coarse_labels=True)
     assert d.train.labels.tolist() == written["train"][2] and d.classes[1] == "coarse1"
 
@@ -174,13 +176,16 @@ def test_cifar_pickle_with_code_is_refused_and_never_runs(tmp_path):
     assert not Path("/tmp/vitlab-pwned").exists()
 
 
-def test_corrupt_tarball(tmp_path):
+def test_corrupt_tarball(tmp_path, monkeypatch):
     write_cifar10(tmp_path, as_tarball=True)
     archive = tmp_path / "cifar-10-python.tar.gz"
     archive.write_bytes(archive.read_bytes()[:2000])
-    with pytest.raises(DataError, match="cifar-10-python.tar.gz"):
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz: md5 .* is not the published"):
         load_dataset("cifar10", tmp_path, download=False)
-    assert not (tmp_path / "cifar-10-batches-py").exists()  # no half-extracted dataset left behind
+    trust_archive(monkeypatch, "cifar10", archive)  # a truncated archive that passes the checksum: caught on reading
+    with pytest.raises(DataError, match="cifar-10-python.tar.gz: cannot extract"):
+        load_dataset("cifar10", tmp_path, download=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cifar-10-python.tar.gz"]  # nothing half-extracted left
 
 
 def test_missing_dataset_offline_says_what_to_download(tmp_path):
@@ -209,7 +214,7 @@ def http_dir(tmp_path):
 def test_download_verifies_checksum_then_loads(tmp_path, http_dir, monkeypatch):
     served, url = http_dir
     write_idx_dataset(served)
-    remotes = [RemoteFile(p.name, md5(p), (url + p.name,)) for p in sorted(served.iterdir())]
+    remotes = [RemoteFile(p.name, md5(p), (url + p.name,), p.stat().st_size) for p in sorted(served.iterdir())]
     monkeypatch.setitem(vdata.REMOTE, "mnist", remotes)
     d = load_dataset("mnist", tmp_path / "data", download=True, val_size=0)
     assert len(d.train) == 40
@@ -219,7 +224,8 @@ def test_download_verifies_checksum_then_loads(tmp_path, http_dir, monkeypatch):
 def test_download_with_bad_checksum_is_refused_and_not_kept(tmp_path, http_dir, monkeypatch):
     served, url = http_dir
     write_cifar10(served, as_tarball=True)
-    bad = RemoteFile("cifar-10-python.tar.gz", "0" * 32, (url + "cifar-10-python.tar.gz",))
+    bad = RemoteFile("cifar-10-python.tar.gz", "0" * 32, (url + "cifar-10-python.tar.gz",),
+                     (served / "cifar-10-python.tar.gz").stat().st_size)
     monkeypatch.setitem(vdata.REMOTE, "cifar10", [bad])
     with pytest.raises(DataError, match="checksum mismatch"):
         load_dataset("cifar10", tmp_path / "data", download=True)
@@ -227,7 +233,7 @@ def test_download_with_bad_checksum_is_refused_and_not_kept(tmp_path, http_dir, 
 
 
 def test_download_from_unreachable_host_gives_clear_error(tmp_path, monkeypatch):
-    dead = RemoteFile("cifar-10-python.tar.gz", "0" * 32, ("http://127.0.0.1:9/cifar-10-python.tar.gz",))
+    dead = RemoteFile("cifar-10-python.tar.gz", "0" * 32, ("http://127.0.0.1:9/cifar-10-python.tar.gz",), 1000)
     monkeypatch.setitem(vdata.REMOTE, "cifar10", [dead])
     with pytest.raises(DataError, match="could not download cifar-10-python.tar.gz"):
         load_dataset("cifar10", tmp_path, download=True)

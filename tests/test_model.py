@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vitlab import ViT, ViTConfig
+from vitlab import Kernels, ViT, ViTConfig
 from vitlab.errors import ConfigError
 from vitlab.model import flops_per_image
 
@@ -36,15 +36,17 @@ def test_attention_weights_returned_for_every_layer():
     model = ViT(ViTConfig(**SMALL)).eval()
     torch.nn.init.normal_(model.head.weight)
     x = torch.randn(3, 3, 16, 16)
-    logits, attentions = model(x, return_attention=True)
+    logits, attentions = model.forward_with_attention(x)
     assert len(attentions) == SMALL["depth"]
     for a in attentions:
         assert a.shape == (3, SMALL["heads"], 17, 17)  # 16 patches + class token
         torch.testing.assert_close(a.sum(-1), torch.ones(3, SMALL["heads"], 17))
         assert (a >= 0).all()
     # Maps need every token's attention in the last block; the logits are those of the shortcut path.
-    assert model.cls_only_last_block
-    torch.testing.assert_close(logits, model(x), rtol=1e-5, atol=1e-5)
+    assert model.kernels.cls_only_last_block
+    out = model(x)
+    assert isinstance(out, torch.Tensor) and out.shape == (3, 7)  # forward: logits, always
+    torch.testing.assert_close(logits, out, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("options", [dict(attention="sdpa"), dict(attention="explicit"), dict(lsa=True),
@@ -56,13 +58,14 @@ def test_class_token_shortcut_gives_the_same_logits_and_gradients(options):
     same gradients, in training mode too (stochastic depth draws the same per-sample masks;
     dropout, off by default, draws masks for the computed tokens only, so its draws differ)."""
     torch.manual_seed(0)
-    model = ViT(ViTConfig(**{**SMALL, "depth": 3}, **options))
+    attention = options.pop("attention", "auto")
+    model = ViT(ViTConfig(**{**SMALL, "depth": 3}, **options), Kernels(attention=attention))
     for p in model.parameters():  # every weight non-trivial, the head included
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(5, 3, 16, 16)
     results = {}
     for shortcut in (True, False):
-        model.cls_only_last_block = shortcut
+        model.kernels.cls_only_last_block = shortcut
         model.zero_grad()
         torch.manual_seed(1)
         out = model(x)
@@ -76,12 +79,12 @@ def test_class_token_shortcut_gives_the_same_logits_and_gradients(options):
 
 
 def test_class_token_shortcut_saves_most_of_the_last_block():
-    cfg = ViTConfig(**{**SMALL, "depth": 3}, attention="explicit")
-    model = ViT(cfg)
+    cfg = ViTConfig(**{**SMALL, "depth": 3})
+    model = ViT(cfg, Kernels(attention="explicit"))
     x = torch.randn(2, 3, 16, 16)
     counts = {}
     for shortcut in (True, False):
-        model.cls_only_last_block = shortcut
+        model.kernels.cls_only_last_block = shortcut
         with FlopCounterMode(display=False) as counter:
             model(x)
         counts[shortcut] = counter.get_total_flops() / 2 / 2  # per image, multiply-adds
@@ -89,7 +92,10 @@ def test_class_token_shortcut_saves_most_of_the_last_block():
     # Skipped: the query projection, attention, output projection and MLP of the 16 patch tokens.
     skipped = (n - 1) * (d * d + 2 * n * d + d * d + 2 * d * m)
     assert counts[False] - counts[True] == skipped
-    mean_pool = ViT(ViTConfig(**{**SMALL, "depth": 3}, pool="mean", attention="explicit"))  # every token feeds the head: nothing to skip
+    # The FLOP count the progress bar and MFU use is the work actually done.
+    assert flops_per_image(cfg, training=False, cls_only_last_block=True) == pytest.approx(2 * counts[True], rel=0.01)
+    assert flops_per_image(cfg, training=False) == pytest.approx(2 * counts[False], rel=0.01)
+    mean_pool = ViT(ViTConfig(**{**SMALL, "depth": 3}, pool="mean"), Kernels(attention="explicit"))  # every token feeds the head: nothing to skip
     with FlopCounterMode(display=False) as counter:
         mean_pool(x)
     assert counter.get_total_flops() / 2 == pytest.approx(flops_per_image(mean_pool.cfg, training=False), rel=0.01)
@@ -97,8 +103,8 @@ def test_class_token_shortcut_saves_most_of_the_last_block():
 
 def test_sdpa_and_explicit_attention_compute_the_same_function():
     torch.manual_seed(1)
-    a = ViT(ViTConfig(**SMALL, attention="sdpa")).eval()
-    b = ViT(ViTConfig(**SMALL, attention="explicit")).eval()
+    a = ViT(ViTConfig(**SMALL), Kernels(attention="sdpa")).eval()
+    b = ViT(ViTConfig(**SMALL), Kernels(attention="explicit")).eval()
     b.load_state_dict(a.state_dict())
     torch.nn.init.normal_(a.head.weight)
     b.head.weight.data.copy_(a.head.weight)
@@ -118,10 +124,8 @@ def test_conv_and_linear_patch_embedding_are_the_same_map():
 
 
 def test_flop_estimate_matches_torch_flop_counter():
-    cfg = ViTConfig(image_size=32, channels=3, num_classes=10, patch_size=4, depth=2, heads=4, dim=64, mlp_dim=128,
-                    attention="explicit")
-    model = ViT(cfg)
-    model.cls_only_last_block = False  # the architecture's FLOPs, as peers compute them
+    cfg = ViTConfig(image_size=32, channels=3, num_classes=10, patch_size=4, depth=2, heads=4, dim=64, mlp_dim=128)
+    model = ViT(cfg, Kernels(attention="explicit", cls_only_last_block=False))  # the architecture's FLOPs, as peers compute them
     x = torch.randn(2, 3, 32, 32)
     with FlopCounterMode(display=False) as counter:
         model(x)
@@ -140,12 +144,50 @@ def test_weight_decay_groups_exclude_biases_norms_and_embeddings():
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(patch_size=5), "does not divide image-size"),
-    (dict(heads=3), "does not divide dim"),
+    (dict(patch_size=5), "--patch-size 5 does not divide image size 16"),
+    (dict(heads=3), "--heads 3 does not divide --dim 32"),
     (dict(num_classes=1), "at least 2 classes"),
-    (dict(dropout=1.5), "dropout"),
-    (dict(pool="max"), "pool"),
+    (dict(dropout=1.5), "--dropout must be in"),
+    (dict(pool="max"), "--pool must be"),
+    (dict(depth=10_000), "--depth must be an integer from 1 to 64"),
+    (dict(image_size=4096, patch_size=8), "image size must be an integer from 1 to 512"),
+    (dict(image_size=512, patch_size=2), "over the limit of 4,096"),
 ])
 def test_invalid_model_config_is_a_config_error(bad, message):
     with pytest.raises(ConfigError, match=message):
         ViTConfig(**{**SMALL, **bad})
+
+
+def test_kernels_are_not_architecture_and_every_copy_shares_them():
+    """The attention kernel and the class-token shortcut are how a model computes, not what:
+    not in its config (so not in model.json), passed at build time, and copied with it."""
+    import copy
+
+    from vitlab.model import ViTConfig as Cfg
+
+    assert "attention" not in Cfg().to_dict() and "cls_only_last_block" not in Cfg().to_dict()
+    model = ViT(ViTConfig(**SMALL), Kernels(attention="explicit", cls_only_last_block=False))
+    twin = copy.deepcopy(model)
+    assert twin.kernels == model.kernels and all(b.attn.kernels is twin.kernels for b in twin.blocks)
+    with pytest.raises(ConfigError, match="--attention must be one of"):
+        Kernels(attention="flash")
+
+
+def test_auto_kernel_picks_by_the_device_and_autocast_of_each_call(monkeypatch):
+    """A model built from Python (kernels 'auto') runs explicit attention under CPU bf16
+    autocast (SDPA's slow path there) and SDPA otherwise, with the same logits."""
+    import vitlab.model as vmodel
+
+    seen = []
+    real = vmodel.F.scaled_dot_product_attention
+    monkeypatch.setattr(vmodel.F, "scaled_dot_product_attention", lambda *a, **k: seen.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(**SMALL)).eval()
+    torch.nn.init.normal_(model.head.weight)
+    x = torch.randn(2, 3, 16, 16)
+    fp32 = model(x)
+    assert len(seen) == SMALL["depth"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(x)
+    assert len(seen) == SMALL["depth"]  # no SDPA call under bf16 on CPU
+    torch.testing.assert_close(bf16.float(), fp32, rtol=0.05, atol=0.05)

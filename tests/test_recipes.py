@@ -6,12 +6,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vitlab import TrainConfig, ViT, ViTConfig
+from vitlab import Kernels, TrainConfig, ViT, ViTConfig
 from vitlab.errors import ConfigError
 from vitlab.augment import mix_batch, random_erasing
 from vitlab.checkpoint import read_meta
 from vitlab.predict import evaluate_checkpoint
-from vitlab.train import TrainingInterrupted, WeightEMA, predict_logits, train
+from vitlab.config import default_config
+from vitlab.inference import predict_logits
+from vitlab.train import TrainingInterrupted, WeightEMA, train
 
 SMALL = dict(image_size=16, channels=3, num_classes=5, patch_size=4, depth=4, heads=2, dim=32, mlp_dim=64)
 
@@ -91,13 +93,14 @@ def test_mixing_is_reproducible_from_the_generator():
 
 
 def test_weight_ema_follows_the_weights():
-    model = ViT(ViTConfig(**SMALL))
+    model = ViT(ViTConfig(**SMALL), Kernels(attention="explicit", cls_only_last_block=False))
     ema = WeightEMA(model, decay=0.9)
+    assert ema.model.kernels == model.kernels  # the average computes the way the model does
     start = [p.detach().clone() for p in ema.model.parameters()]
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
-    ema.update(model, step=1000)  # decay 0.9 once the ramp is over
+    ema.update(step=1000)  # decay 0.9 once the ramp is over
     for s, e, p in zip(start, ema.model.parameters(), model.parameters()):
         torch.testing.assert_close(e, 0.9 * s + 0.1 * p.detach())
     assert not any(p.requires_grad for p in ema.model.parameters())
@@ -118,7 +121,7 @@ def test_tta_flip_averages_an_image_and_its_mirror():
 
 
 def _recipe(tmp_path, name):
-    return TrainConfig(out=str(tmp_path), name=name, epochs=3, depth=2, dim=32, heads=2, mlp_dim=64, batch_size=128,
+    return TrainConfig(out=str(tmp_path), name=name, epochs=3, depth=2, dim=32, heads=2, mlp_dim=64, batch_size=128, patch_size=2,
                        drop_path=0.1, layer_scale=1e-4, random_erasing=0.25, mixup_alpha=0.8, cutmix_alpha=1.0,
                        ema_decay=0.99, tta_flip=True, hflip=0.5, trivial_augment=0.5, repeated_augment=2, log_every=3)
 
@@ -131,7 +134,7 @@ def test_recipe_elements_train_report_ema_and_resume_exactly(tmp_path):
     assert len(rows) == 3 and "val_ema_acc" in rows[0]
     assert all(0 <= float(r["val_ema_acc"]) <= 1 for r in rows)
     with pytest.raises(TrainingInterrupted):
-        train(_recipe(tmp_path, "resumed"), _stop_after_steps=7, **quiet)
+        train(_recipe(tmp_path, "resumed"), stop_when=lambda state: state.step >= 7, **quiet)
     resumed = train(resume=tmp_path / "resumed", **quiet)
     for ckpt in ("last", "best"):
         a = load_file(str(straight.run_dir / ckpt / "model.safetensors"))
@@ -141,7 +144,8 @@ def test_recipe_elements_train_report_ema_and_resume_exactly(tmp_path):
 
 
 def test_flip_averaging_is_for_the_final_table_and_per_epoch_validation_is_single_view(tmp_path):
-    run = train(TrainConfig(out=str(tmp_path), epochs=6, tta_flip=True, ema_decay=0.9), progress=False, log=lambda s: None)
+    run = train(default_config().replace(out=str(tmp_path), epochs=6, tta_flip=True, ema_decay=0.9), progress=False,
+                log=lambda s: None)
     with open(run.run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     best = run.run_dir / "best"
@@ -161,7 +165,7 @@ def test_tokenizers_keep_a_vit(tokenizer):
     model = ViT(ViTConfig(**SMALL, patch_embed=tokenizer))
     torch.nn.init.normal_(model.head.weight, std=0.02)
     x = torch.randn(3, 3, 16, 16)
-    logits, attn = model(x, return_attention=True)
+    logits, attn = model.forward_with_attention(x)
     assert logits.shape == (3, 5) and attn[0].shape == (3, 2, 17, 17)  # still 16 patch tokens + class token
     logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -179,7 +183,7 @@ def test_conv_pool_tokenizer_stages_and_receptive_field():
     tokens[0, 5].sum().backward()
     reached = x.grad[0].abs().sum(0) > 0
     assert reached[4:8, 4:8].any() and (reached.sum() > 16)
-    with pytest.raises(ConfigError, match="patch-size must be 2, 4, 8"):
+    with pytest.raises(ConfigError, match="--patch-size must be 2, 4, 8"):
         ViTConfig(**{**SMALL, "image_size": 12, "patch_size": 6}, patch_embed="conv-pool")
 
 
@@ -198,16 +202,16 @@ def test_shifted_patch_tokenization_sees_the_neighbours():
 @pytest.mark.parametrize("attention", ["explicit", "sdpa"])
 def test_locality_self_attention(attention):
     torch.manual_seed(0)
-    model = ViT(ViTConfig(**SMALL, lsa=True, attention=attention))
+    model = ViT(ViTConfig(**SMALL, lsa=True), Kernels(attention=attention))
     torch.nn.init.normal_(model.head.weight, std=0.02)
     x = torch.randn(2, 3, 16, 16)
-    _, attn = model.eval()(x, return_attention=True)
+    _, attn = model.eval().forward_with_attention(x)
     for a in attn:  # no token attends to itself; rows still sum to one
         assert torch.diagonal(a, dim1=-2, dim2=-1).abs().max() == 0
         torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)))
     model.train()(x).sum().backward()
     temps = [b.attn.log_temperature for b in model.blocks]
     assert all(t.grad is not None and t.grad.abs() > 0 for t in temps)
-    explicit = ViT(ViTConfig(**SMALL, lsa=True, attention="explicit"))
+    explicit = ViT(ViTConfig(**SMALL, lsa=True), Kernels(attention="explicit"))
     explicit.load_state_dict(model.state_dict())
     torch.testing.assert_close(model.eval()(x), explicit.eval()(x), rtol=1e-5, atol=1e-5)

@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from vitlab import TrainConfig, ViT, load_checkpoint
+from vitlab.config import default_config
 from vitlab.predict import evaluate_checkpoint
 from vitlab.train import TrainingInterrupted, lr_at, train
 
@@ -27,14 +28,14 @@ def test_default_run_reaches_90_percent_and_writes_its_report(digits_run):
         assert (digits_run / ckpt / "model.safetensors").is_file() and (digits_run / ckpt / "config.yaml").is_file()
     with open(digits_run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == TrainConfig().epochs and rows[-1]["epoch"] == str(TrainConfig().epochs)
+    assert len(rows) == default_config().epochs and rows[-1]["epoch"] == str(default_config().epochs)
     assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
     assert max(float(r["val_acc"]) for r in rows) == pytest.approx(results["Val"][1], abs=5e-5)
     for png in ("loss_curve.png", "predictions.png"):
         with Image.open(digits_run / png) as im:
             assert im.format == "PNG" and im.width > 400 and im.height > 200
     cfg = TrainConfig.load_yaml(digits_run / "config.yaml")
-    assert cfg == TrainConfig().replace(out=cfg.out)
+    assert cfg == default_config().replace(out=cfg.out)
 
 
 def test_saved_checkpoint_reproduces_the_reported_results(digits_run):
@@ -71,7 +72,7 @@ def test_learning_rate_schedule():
 
 def _tiny(tmp_path: Path, name: str) -> TrainConfig:
     # Dropout, crop and flip make the run depend on every RNG the resume must restore.
-    return TrainConfig(out=str(tmp_path), name=name, epochs=3, depth=2, dim=32, heads=2, mlp_dim=64, batch_size=128,
+    return TrainConfig(out=str(tmp_path), name=name, epochs=3, depth=2, dim=32, heads=2, mlp_dim=64, batch_size=128, patch_size=2,
                        dropout=0.1, hflip=0.5, log_every=3, checkpoint_every=4)
 
 
@@ -80,7 +81,7 @@ def test_resume_is_bit_exact(tmp_path, stop_after):
     log = lambda s: None  # noqa: E731
     straight = train(_tiny(tmp_path, "straight"), progress=False, log=log)
     with pytest.raises(TrainingInterrupted, match="--resume"):
-        train(_tiny(tmp_path, "resumed"), progress=False, log=log, _stop_after_steps=stop_after)
+        train(_tiny(tmp_path, "resumed"), progress=False, log=log, stop_when=lambda state: state.step >= stop_after)
     resumed = train(resume=tmp_path / "resumed", progress=False, log=log)
     a = load_file(str(straight.run_dir / "last" / "model.safetensors"))
     b = load_file(str(resumed.run_dir / "last" / "model.safetensors"))

@@ -3,8 +3,8 @@
 from .checkpoint import load_checkpoint
 from .config import TrainConfig
 from .errors import CheckpointError, ConfigError, DataError, VitlabError
-from .model import ViT, ViTConfig
+from .model import Kernels, ViT, ViTConfig
 
-__all__ = ["ViT", "ViTConfig", "TrainConfig", "load_checkpoint", "VitlabError", "ConfigError", "DataError",
+__all__ = ["ViT", "ViTConfig", "Kernels", "TrainConfig", "load_checkpoint", "VitlabError", "ConfigError", "DataError",
            "CheckpointError"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,9 +1,11 @@
-"""Checkpoints: folders that load without unpickling code, written atomically.
+"""Checkpoints: folders that load without unpickling code, written atomically, checked
+before anything is allocated.
 
 A checkpoint folder holds
   ``model.safetensors``  the weights;
   ``model.json``         format version, the ViTConfig, class names, normalisation
-                         statistics, and the SHA-256 of every other file in the folder;
+                         statistics, the data's fingerprint, and the SHA-256 of every
+                         other file in the folder;
   ``config.yaml``        the full run configuration;
   ``state.pt``           (optional) optimizer state, step counters and RNG states,
                          loaded with ``torch.load(weights_only=True)``.
@@ -11,16 +13,21 @@ A checkpoint folder holds
 A folder is written under a temporary name, fsynced, and renamed into place; the
 previous version is kept as ``<name>.prev`` until the next save, so a process
 killed at any moment leaves an intact checkpoint behind.
+
+Reading trusts nothing: ``model.json`` is read with a size limit and checked against a
+strict schema with bounds, and the safetensors header's names, shapes and dtypes are
+checked against the architecture it describes before a model is built.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
+import math
 import os
+import re
 import shutil
-import tempfile
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,59 +37,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .errors import CheckpointError, ConfigError
-from .model import ViT, ViTConfig
+from .fileio import fsync_dir, read_bounded, sha256_file, temp_dir, write_synced
+from .model import Kernels, ViT, ViTConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: no attention kernel in the model config; the data's fingerprint
+READS = (1, 2)
 MANIFEST = "model.json"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 CONFIG = "config.yaml"
+MAX_MANIFEST_BYTES = 8 << 20
+MAX_HEADER_BYTES = 16 << 20
+MAX_STATE_BYTES = 4 << 30
 
-
-# ------------------------------------------------------------- atomic writes
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------- checkpoints
 
 @dataclass
 class CheckpointMeta:
@@ -91,7 +58,8 @@ class CheckpointMeta:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     dataset: str
-    extra: dict[str, Any] = field(default_factory=dict)  # epoch, step, val_acc, ...
+    extra: dict[str, Any] = field(default_factory=dict)  # epoch, step, val_acc, weights ...
+    data: dict | None = None  # DatasetSplits.fingerprint() of the data the run trains on
 
 
 def save_checkpoint(folder: Path, model: torch.nn.Module, meta: CheckpointMeta, config_yaml: str,
@@ -99,16 +67,16 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, meta: CheckpointMeta, 
     """Write a complete checkpoint folder atomically (see module docstring)."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    tmp = temp_dir(folder.parent, f".{folder.name}.")
     try:
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in _raw(model).state_dict().items()}
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in unwrap(model).state_dict().items()}
         # Serialise in memory and write with plain file I/O, so a full disk is an OSError like any other.
-        _write(tmp / WEIGHTS, save(weights, metadata={"format": "vitlab", "version": str(FORMAT_VERSION)}))
-        _write(tmp / CONFIG, config_yaml.encode())
+        write_synced(tmp / WEIGHTS, save(weights, metadata={"format": "vitlab", "version": str(FORMAT_VERSION)}))
+        write_synced(tmp / CONFIG, config_yaml.encode())
         if state is not None:
             buf = io.BytesIO()
             torch.save(state, buf)
-            _write(tmp / STATE, buf.getvalue())
+            write_synced(tmp / STATE, buf.getvalue())
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -118,93 +86,190 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, meta: CheckpointMeta, 
             "std": list(meta.std),
             "dataset": meta.dataset,
             "extra": meta.extra,
+            "data": meta.data,
             "files": files,
         }
-        _write(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
-        _fsync_dir(tmp)
+        write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
+        fsync_dir(tmp)
         prev = folder.with_name(folder.name + ".prev")
         if folder.exists():
             if prev.exists():
                 shutil.rmtree(prev)
             os.replace(folder, prev)
         os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, inside torch.compile's and DistributedDataParallel's wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
-def _raw(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)  # unwrap torch.compile
+# ------------------------------------------------------------------- reading
+
+def _schema(manifest: Any, where: Path) -> CheckpointMeta:
+    """The manifest checked field by field; every size bounded before it is used."""
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise CheckpointError(f"{where}: malformed manifest ({what})")
+
+    need(isinstance(manifest, dict), "not a JSON object")
+    need(isinstance(manifest.get("model"), dict), "'model' must be an object")
+    try:
+        cfg = ViTConfig.from_dict(manifest["model"], source="'model'")
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: malformed manifest ({e})") from None
+    classes = manifest.get("classes")
+    need(isinstance(classes, list) and len(classes) == cfg.num_classes, f"'classes' must list num_classes = {cfg.num_classes} names")
+    need(all(isinstance(c, str) and 0 < len(c) <= 200 for c in classes), "each class name must be a string of 1 to 200 characters")
+    stats = [manifest.get("mean"), manifest.get("std")]
+    need(all(isinstance(s, list) and len(s) == cfg.channels and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                      and math.isfinite(v) for v in s) for s in stats),
+         f"'mean' and 'std' must be {cfg.channels} finite numbers each")
+    need(all(0 < v <= 10 for v in stats[1]) and all(-10 <= v <= 10 for v in stats[0]), "'std' must be positive, 'mean' and 'std' at most 10")
+    need(isinstance(manifest.get("dataset"), str) and len(manifest["dataset"]) <= 64, "'dataset' must be a short string")
+    extra = manifest.get("extra", {})
+    need(isinstance(extra, dict) and len(extra) <= 32, "'extra' must be a small object")
+    for key in ("epoch", "batch", "step"):
+        need(key not in extra or (isinstance(extra[key], int) and not isinstance(extra[key], bool) and extra[key] >= 0),
+             f"'extra.{key}' must be a whole number >= 0")
+    data = manifest.get("data")
+    need(data is None or isinstance(data, dict), "'data' must be an object")
+    return CheckpointMeta(cfg, list(classes), tuple(float(v) for v in stats[0]), tuple(float(v) for v in stats[1]),
+                          manifest["dataset"], dict(extra), data)
+
+
+def read_manifest(folder: Path) -> dict:
+    """The parsed ``model.json`` of a checkpoint folder (format version checked, nothing else)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such checkpoint folder (expected e.g. runs/<run>/best)")
+    try:
+        manifest = json.loads(read_bounded(path, MAX_MANIFEST_BYTES))
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder}: not a vitlab checkpoint ({MANIFEST} missing)") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: damaged ({e})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version not in READS:
+        raise CheckpointError(f"{path}: unsupported checkpoint format {version!r} (this vitlab reads {', '.join(map(str, READS))})")
+    return manifest
+
+
+def verify_files(folder: Path, manifest: dict) -> None:
+    """Every file the manifest lists is present and has its SHA-256."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not set(files) <= {WEIGHTS, CONFIG, STATE} or WEIGHTS not in files \
+            or not all(isinstance(d, str) and re.fullmatch(r"[0-9a-f]{64}", d) for d in files.values()):
+        raise CheckpointError(f"{folder / MANIFEST}: malformed manifest ('files' must give the SHA-256 of {WEIGHTS} "
+                              f"and of nothing but {CONFIG} and {STATE})")
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing from checkpoint")
+        if sha256_file(path) != digest:
+            raise CheckpointError(f"{path}: damaged (checksum mismatch); the file was modified or truncated")
 
 
 def read_meta(folder: Path, verify: bool = True) -> CheckpointMeta:
     """Read and check a checkpoint's manifest (and, with ``verify``, every file's checksum)."""
     folder = Path(folder)
-    manifest_path = folder / MANIFEST
-    if not folder.is_dir():
-        raise CheckpointError(f"{folder}: no such checkpoint folder (expected e.g. runs/<run>/best)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{folder}: not a vitlab checkpoint ({MANIFEST} missing)") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{manifest_path}: damaged ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{manifest_path}: unsupported checkpoint format {manifest.get('format_version') if isinstance(manifest, dict) else '?'} (this vitlab reads {FORMAT_VERSION})")
+    manifest = read_manifest(folder)
     if verify:
-        for name, digest in manifest.get("files", {}).items():
-            path = folder / name
-            if not path.is_file():
-                raise CheckpointError(f"{path}: missing from checkpoint")
-            if sha256_file(path) != digest:
-                raise CheckpointError(f"{path}: damaged (checksum mismatch); the file was modified or truncated")
+        verify_files(folder, manifest)
+    return _schema(manifest, folder / MANIFEST)
+
+
+def expected_tensors(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of a model's weights, computed without allocating them."""
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in ViT(cfg).state_dict().items()}
+
+
+def check_weights_header(folder: Path, cfg: ViTConfig) -> None:
+    """The safetensors header (read alone, with a size limit) holds exactly the tensors of
+    ``cfg``'s architecture, in float32, laid out within the file."""
+    path = Path(folder) / WEIGHTS
     try:
-        model_cfg = ViTConfig.from_dict(manifest["model"])
-        return CheckpointMeta(model_cfg, list(manifest["classes"]), tuple(manifest["mean"]), tuple(manifest["std"]),
-                              str(manifest["dataset"]), dict(manifest.get("extra", {})))
-    except (KeyError, TypeError, ConfigError) as e:
-        raise CheckpointError(f"{manifest_path}: malformed manifest ({e})") from None
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > MAX_HEADER_BYTES:
+                raise ValueError(f"header of {length:,} bytes")
+            header = json.loads(f.read(length))
+        size = path.stat().st_size
+    except (OSError, ValueError, struct.error, RecursionError) as e:
+        raise CheckpointError(f"{path}: cannot read weights ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: cannot read weights (the header is not a JSON object)")
+    header.pop("__metadata__", None)
+    expected = expected_tensors(cfg)
+    if set(header) != set(expected):
+        odd = sorted(set(header) ^ set(expected))[:3]
+        raise CheckpointError(f"{path}: weights do not fit this model's architecture (tensors {odd} are missing or unexpected)")
+    for name, shape in expected.items():
+        entry = header[name]
+        if not isinstance(entry, dict) or entry.get("dtype") != "F32" or tuple(entry.get("shape", ())) != shape:
+            found = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else entry
+            raise CheckpointError(f"{path}: weights do not fit this model's architecture ({name}: expected F32 {list(shape)}, found {found})")
+        begin, end = entry.get("data_offsets", (None, None))
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= size - 8 - length
+                and end - begin == 4 * math.prod(shape)):
+            raise CheckpointError(f"{path}: weights do not fit this model's architecture ({name}: bad data offsets)")
 
 
 def load_weights(folder: Path, model: torch.nn.Module) -> None:
     path = Path(folder) / WEIGHTS
+    check_weights_header(folder, unwrap(model).cfg)
     try:
         weights = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot read weights ({e})") from None
     try:
-        _raw(model).load_state_dict(weights)
+        unwrap(model).load_state_dict(weights)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise CheckpointError(f"{path}: weights do not fit this model ({' '.join(first[:2])[:300]})") from None
 
 
 def load_state(folder: Path) -> dict:
+    """The training state of ``folder`` (structure unchecked: ``TrainState.from_dict`` checks it)."""
     path = Path(folder) / STATE
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        if path.stat().st_size > MAX_STATE_BYTES:
+            raise CheckpointError(f"{path}: larger than the {MAX_STATE_BYTES:,}-byte limit for a training state")
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; this checkpoint holds weights only and cannot be resumed") from None
+    except CheckpointError:
+        raise
     except Exception as e:  # refused unpickling (code objects), truncation, ...
-        raise CheckpointError(f"{path}: cannot load training state ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{path}: cannot load training state ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a vitlab training state (a {type(state).__name__}, not a dict)")
+    return state
 
 
-def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu") -> tuple[ViT, ViTConfig]:
-    """The model (in eval mode) and its config from a checkpoint folder."""
+def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu",
+                    kernels: Kernels | None = None) -> tuple[ViT, ViTConfig]:
+    """The model (in eval mode) and its config from a checkpoint folder. ``kernels``:
+    how it computes (default: the fastest for the device and precision of each call)."""
     meta = read_meta(Path(folder))
-    model = ViT(meta.model)
+    check_weights_header(Path(folder), meta.model)  # before the model is allocated
+    model = ViT(meta.model, kernels)
     load_weights(Path(folder), model)
     return model.to(device).eval(), meta.model
 
+
+# ------------------------------------------------------------------- recovery
 
 def intact_checkpoints(run_dir: Path, name: str = "last", need_state: bool = True) -> list[Path]:
     """``name``, its temporary and previous versions that pass verification, newest step first."""
@@ -234,7 +299,7 @@ def recover(run_dir: Path, name: str, need_state: bool = True) -> Path | None:
                 shutil.rmtree(prev)
             os.replace(final, prev)
         os.replace(intact[0], final)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
         intact[0] = final
     for stale in run_dir.glob(f".{name}.*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)

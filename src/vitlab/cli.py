@@ -13,10 +13,12 @@ from typing import Any
 
 import click
 
-from .config import TrainConfig, load_preset, preset_names, read_preset
-from .errors import VitlabError
+from .config import DEFAULT_PRESET, RUNTIME_FIELDS, TrainConfig, load_preset, preset_names, read_preset
+from .errors import TrainingInterrupted, VitlabError
+from .fileio import printable
+from .options import flag
 
-SUBCOMMAND_ONLY = {"resume", "overwrite", "preset", "quiet", "debug"}
+RESUME_MAY_CHANGE = tuple(f for f in RUNTIME_FIELDS if f != "download")  # a resumed run never downloads
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -30,8 +32,6 @@ def friendly_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = kwargs.pop("debug", False)
-        from .train import TrainingInterrupted
-
         try:
             return fn(*args, **kwargs)
         except TrainingInterrupted as e:
@@ -53,25 +53,39 @@ def friendly_errors(fn):
     return click.option("--debug", is_flag=True, help="show full tracebacks for errors")(wrapper)
 
 
+def _default(f: dataclasses.Field) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return list(default) if isinstance(default, tuple) else default
+
+
 def _config_options(fn):
     """One click option per TrainConfig field; None means 'not given' so presets apply."""
     for f in reversed(dataclasses.fields(TrainConfig)):
-        flag = f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text += f"  [default: {list(default) if isinstance(default, tuple) else default}]"
+        name = flag(f.name)
+        help_text = f.metadata.get("help", "") + f"  [default: {_default(f)}]"
         ann = str(f.type)
         if ann.startswith("bool"):
-            opt = click.option(f"--{flag}/--no-{flag}", f.name, default=None, help=help_text)
+            opt = click.option(f"{name}/--no-{name[2:]}", f.name, default=None, help=help_text)
         elif ann.startswith("tuple"):
-            opt = click.option(f"--{flag}", f.name, type=(float, float), default=None, metavar="MIN MAX", help=help_text)
+            opt = click.option(name, f.name, type=(float, float), default=None, metavar="MIN MAX", help=help_text)
         elif "choices" in f.metadata:
-            opt = click.option(f"--{flag}", f.name, type=click.Choice(f.metadata["choices"]), default=None, help=help_text)
+            opt = click.option(name, f.name, type=click.Choice(f.metadata["choices"]), default=None, help=help_text)
         else:
             kind = int if ann.startswith("int") else float if ann.startswith("float") else str
-            opt = click.option(f"--{flag}", f.name, type=kind, default=None, help=help_text)
+            opt = click.option(name, f.name, type=kind, default=None, help=help_text)
         fn = opt(fn)
     return fn
+
+
+def flag_table() -> str:
+    """The Markdown table of every training flag, its default and help: README's copy is
+    generated from this (``vitlab flags``), so the two cannot drift apart."""
+    lines = ["| flag | default | what it does |", "|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        name = flag(f.name) + ("/--no-" + f.name.replace("_", "-") if str(f.type).startswith("bool") else "")
+        help_text = f.metadata.get("help", "").replace("|", "\\|")
+        lines.append(f"| `{name}` | `{_default(f)}` | {help_text} |")
+    return "\n".join(lines)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -97,36 +111,41 @@ def cli() -> None:
 @_config_options
 @friendly_errors
 def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool, **overrides: Any) -> None:
-    """Train a ViT; with no options, on the embedded digits dataset.
+    """Train a ViT; with no options, the embedded digits preset.
 
     A preset plus any field overrides describes the run; the run folder
     <out>/<dataset>-<timestamp>/ receives checkpoints (best/, last/), metrics.csv,
     results.md, loss_curve.png and predictions.png.
     """
-    from .train import run_config, train as run_training
+    from .rundir import open_existing
+    from .train import train as run_training
 
     given = {k: v for k, v in overrides.items() if v is not None}
     if resume is not None:
-        allowed = {"device", "threads", "log_every"}
-        extra = sorted(set(given) - allowed) + (["--preset"] if preset else [])
+        extra = [flag(e) for e in sorted(set(given) - set(RESUME_MAY_CHANGE))] + (["--preset"] if preset else [])
         if extra:
-            raise VitlabError(f"--resume continues a run with its saved config; drop {', '.join(e if e.startswith('--') else '--' + e.replace('_', '-') for e in extra)}")
-        run_training(run_config(resume).replace(**given), resume=resume, progress=not quiet)
+            raise VitlabError(f"--resume continues a run with its saved config; drop {', '.join(extra)} "
+                              f"(it may change only {', '.join(flag(f) for f in RESUME_MAY_CHANGE)})")
+        open_existing(resume).release()  # a clear error for a folder that is not a run, before reading it
+        saved = TrainConfig.load_yaml(resume / "config.yaml")
+        run_training(saved.replace(**given), resume=resume, progress=not quiet)
         return
-    base = load_preset(preset) if preset else TrainConfig()
-    cfg = base.replace(**given).validate()
+    cfg = load_preset(preset or DEFAULT_PRESET).replace(**given).validate()
     run_training(cfg, overwrite=overwrite, progress=not quiet)
 
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data-dir", help="where the dataset is (default: as in the run's config)")
-@click.option("--download/--no-download", default=None, help="download the dataset if missing")
+@click.option("--download/--no-download", default=None, help="download the dataset into --data-dir if missing")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
-@click.option("--batch-size", type=int, default=1024, show_default=True, help="evaluation batch size")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="evaluation batch size [default: the run's]")
 @friendly_errors
-def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, device: str, batch_size: int) -> None:
-    """Loss and accuracy of a checkpoint on the train, val and test splits."""
+def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, device: str, batch_size: int | None) -> None:
+    """Loss and accuracy of a checkpoint on the train, val and test splits.
+
+    The data is read from where the run trained (its config.yaml) or from --data-dir;
+    vitlab downloads a missing dataset only into a --data-dir you name, with --download."""
     from .predict import evaluate_checkpoint
     from .report import results_table
 
@@ -148,9 +167,9 @@ def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str)
     for path, outcome in predict_files(checkpoint, images, top_k=top_k, device=device):
         if isinstance(outcome, str):
             failures += 1
-            click.secho(f"{path}: error: {outcome}", fg="red", err=True)
+            click.secho(f"{printable(path)}: error: {outcome}", fg="red", err=True)
         else:
-            click.echo(f"{path}: " + ", ".join(f"{name} {p:.3f}" for name, p in outcome))
+            click.echo(f"{printable(path)}: " + ", ".join(f"{name} {p:.3f}" for name, p in outcome))
     if failures:
         sys.exit(1)
 
@@ -173,6 +192,12 @@ def presets(name: str | None) -> None:
         click.echo(click.style(n, bold=True) + f"  {description}")
         shown = ", ".join(f"{k}={v}" for k, v in overrides.items() if k != "dataset")
         click.echo(f"    dataset={overrides.get('dataset', TrainConfig.dataset)}: {shown}")
+
+
+@cli.command()
+def flags() -> None:
+    """Every training flag with its default and help, as the Markdown table in README.md."""
+    click.echo(flag_table())
 
 
 def main() -> None:

@@ -2,22 +2,28 @@
 
 Each standard dataset is read from its official on-disk layout under a data
 directory and, when absent, downloaded there (the archive verified by its
-published MD5 before it is used). Files are validated by their structure, so a
-truncated or malformed file gives a :class:`DataError` naming it, never a
-silently partial dataset.
+published MD5 before it is used). Files are untrusted: each is validated by its
+structure with bounds taken from its own header before anything is allocated, so
+a truncated, malformed or hostile file gives a :class:`DataError` naming it, never
+a silently partial dataset, a traceback or an exhausted machine.
 """
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.client
+import io
+import math
 import os
 import pickle
+import shutil
 import tarfile
-import tempfile
+import time
 import urllib.error
 import urllib.request
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,10 +32,14 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .fileio import file_digest, fsync_dir, printable, read_bounded, temp_dir, temp_file
+from .images import failure_reason, read_image
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 TEST_FRACTION_WITHOUT_TEST_SPLIT = 0.2  # digits and folders with no test/ subfolder
 SPLIT_SEED = 0  # the train/val/test carving never depends on the training seed
+MAX_IDX_BYTES = 1 << 30  # an IDX file's data, from its header (MNIST's largest: 47 MB)
+MAX_PICKLE_BYTES = 256 << 20  # one CIFAR pickle (CIFAR-100's train: 156 MB)
+MAX_ARCHIVE_BYTES = 256 << 20  # what extracting one CIFAR archive may write (the official ones: ~187 MB)
 
 
 @dataclass
@@ -63,6 +73,35 @@ class DatasetSplits:
     def image_size(self) -> int:
         return self.train.images.shape[-1]
 
+    def fingerprint(self) -> dict:
+        """What identifies this data: saved with every checkpoint, so that resuming on
+        other files (or the same files cut differently) is noticed before it starts."""
+        images, labels = hashlib.sha256(), hashlib.sha256()
+        splits = [("train", self.train), ("val", self.val), ("test", self.test)]
+        for _, s in splits:
+            images.update(s.images.contiguous().numpy().data)
+            labels.update(s.labels.contiguous().numpy().data)
+        return {"dataset": self.name, "classes": list(self.classes), "image_shape": list(self.train.images.shape[1:]),
+                "sizes": {name: len(s) for name, s in splits}, "val_is_test": self.val_is_test,
+                "labels_sha256": labels.hexdigest(), "images_sha256": images.hexdigest(),
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+def fingerprint_changes(saved: dict, now: dict) -> list[str]:
+    """The fields of two fingerprints that differ, said the way a user reads them."""
+    changes = []
+    for key in saved.keys() | now.keys():
+        a, b = saved.get(key), now.get(key)
+        if a == b:
+            continue
+        if key == "classes" and isinstance(a, list) and isinstance(b, list):
+            changes.append(f"classes ({len(a)} then, {len(b)} now)" if len(a) != len(b) else "class names")
+        elif key.endswith("sha256"):
+            changes.append(f"{key[:-len('_sha256')]} (different content)")
+        else:
+            changes.append(f"{key} ({a} then, {b} now)")
+    return sorted(changes)
+
 
 # ----------------------------------------------------------------- downloads
 
@@ -71,6 +110,7 @@ class RemoteFile:
     filename: str
     md5: str
     urls: tuple[str, ...]
+    size: int  # bytes: a download that announces or sends more is cut off
 
 
 _MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
@@ -79,55 +119,82 @@ IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 
 REMOTE: dict[str, list[RemoteFile]] = {
     "mnist": [
-        RemoteFile(f"{n}.gz", md5, tuple(m + f"{n}.gz" for m in _MNIST_MIRRORS))
-        for n, md5 in zip(IDX_NAMES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
-                                      "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"))
+        RemoteFile(f"{n}.gz", md5, tuple(m + f"{n}.gz" for m in _MNIST_MIRRORS), size)
+        for n, md5, size in zip(IDX_NAMES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                            "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c"),
+                                (9_912_422, 28_881, 1_648_877, 4_542))
     ],
     "fashion-mnist": [
-        RemoteFile(f"{n}.gz", md5, tuple(m + f"{n}.gz" for m in _FASHION_MIRROR))
-        for n, md5 in zip(IDX_NAMES, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
-                                      "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"))
+        RemoteFile(f"{n}.gz", md5, tuple(m + f"{n}.gz" for m in _FASHION_MIRROR), size)
+        for n, md5, size in zip(IDX_NAMES, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                                            "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310"),
+                                (26_421_880, 29_515, 4_422_102, 5_148))
     ],
     "cifar10": [RemoteFile("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a",
-                           ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",))],
+                           ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",), 170_498_071)],
     "cifar100": [RemoteFile("cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85",
-                            ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",))],
+                            ("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",), 169_001_437)],
+}
+
+# The files of each CIFAR archive that vitlab reads: extraction writes these and nothing else.
+CIFAR_FILES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cifar10": ("cifar-10-batches-py", ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                                        "data_batch_5", "test_batch", "batches.meta")),
+    "cifar100": ("cifar-100-python", ("train", "test", "meta")),
 }
 
 
 def md5sum(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digest(path, "md5")
 
 
-def download_file(remote: RemoteFile, folder: Path, attempts: int = 2, timeout: float = 30.0) -> Path:
+def download_deadline(size: int) -> float:
+    """Seconds one download attempt may take in all: a minute, plus the file at 50 kB/s."""
+    return 60.0 + size / 50e3
+
+
+def download_file(remote: RemoteFile, folder: Path, attempts: int = 2, timeout: float = 30.0,
+                  deadline: float | None = None) -> Path:
     """Fetch ``remote`` into ``folder``: stream to a temporary file, verify the
     MD5, and only then rename it into place. A bad or interrupted download is
-    retried (each mirror, ``attempts`` times) and never left under its final name."""
+    retried (each mirror, ``attempts`` times) and never left under its final name.
+
+    Bounded three ways: ``timeout`` seconds per read; ``deadline`` seconds per attempt
+    (default :func:`download_deadline`), so a server that trickles a byte at a time
+    cannot hold the run forever; and the file's known size, so a server that announces
+    or sends more is cut off."""
     from tqdm.auto import tqdm
 
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / remote.filename
+    budget = download_deadline(remote.size) if deadline is None else deadline
     errors: list[str] = []
     for url in remote.urls:
         for _ in range(attempts):
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{remote.filename}.", suffix=".part", dir=folder)
-            tmp = Path(tmp_name)
+            fd, tmp = temp_file(folder, f".{remote.filename}.", ".part")
             try:
+                give_up = time.monotonic() + budget
                 with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-                    total = int(resp.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {remote.filename}", leave=False) as bar:
-                        for chunk in iter(lambda: resp.read(1 << 16), b""):
+                    announced = int(resp.headers.get("Content-Length") or 0) or None
+                    if announced is not None and announced != remote.size:
+                        raise ValueError(f"the server announces {announced:,} bytes; the file has {remote.size:,}")
+                    got = 0
+                    with tqdm(total=remote.size, unit="B", unit_scale=True, desc=f"download {remote.filename}",
+                              leave=False) as bar:
+                        # read1: whatever has arrived (read(n) would wait for all n bytes of a trickle)
+                        for chunk in iter(lambda: resp.read1(1 << 16), b""):
+                            got += len(chunk)
+                            if got > remote.size:
+                                raise ValueError(f"sent more than the file's {remote.size:,} bytes")
+                            if time.monotonic() > give_up:
+                                raise TimeoutError(f"not done within {budget:.0f} s ({got:,} of {remote.size:,} bytes)")
                             out.write(chunk)
                             bar.update(len(chunk))
                     out.flush()
                     os.fsync(out.fileno())
-                got = md5sum(tmp)
-                if got != remote.md5:
-                    errors.append(f"{url}: checksum mismatch (md5 {got}, expected {remote.md5})")
+                digest = md5sum(tmp)
+                if digest != remote.md5:
+                    errors.append(f"{url}: checksum mismatch (md5 {digest}, expected {remote.md5})")
                     continue
                 os.replace(tmp, final)
                 return final
@@ -149,29 +216,70 @@ def _missing(name: str, folder: Path, what: str) -> DataError:
     )
 
 
+# --------------------------------------------------------------------- memory
+
+def available_memory() -> int | None:
+    """Bytes the kernel says a new allocation can have (MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(images: int, channels: int, size: int, what: str, copies: float = 2.0) -> None:
+    """Refuse, before decoding or resizing, a dataset that will not fit in memory: ``images``
+    uint8 images of channels x size x size, held ``copies`` times at the peak (the loaded
+    set and its train/val/test subsets)."""
+    need = int(images * channels * size * size * copies)
+    free = available_memory()
+    if free is not None and need > free:
+        raise DataError(f"{what}: {images:,} images at {channels}x{size}x{size} need about {need / 2**30:.1f} GiB of "
+                        f"memory and {free / 2**30:.1f} GiB is available; use a smaller --image-size or fewer images")
+
+
 # ------------------------------------------------------------------------ IDX
 
 def read_idx(path: Path, magic: int) -> np.ndarray:
-    """Parse an IDX file (optionally gzipped) of unsigned bytes, checking its
-    magic number and that the data length matches the header."""
+    """Parse an IDX file (optionally gzipped) of unsigned bytes, checking its magic number,
+    that its header describes a non-empty array of at most MAX_IDX_BYTES, and that exactly
+    that many bytes follow. A gzipped file is decompressed as a stream and never past what
+    its header announces, so a small file that inflates to gigabytes costs nothing."""
+    kind = "image" if magic == 2051 else "label"
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataError(f"{path}: only {len(head)} bytes, too short for an IDX header")
+            got = int.from_bytes(head, "big")
+            if got != magic:
+                raise DataError(f"{path}: wrong magic number {got} (expected {magic}); not an IDX {kind} file")
+            ndim = head[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataError(f"{path}: truncated IDX header")
+            dims = tuple(int.from_bytes(raw_dims[4 * i: 4 * i + 4], "big") for i in range(ndim))
+            expected = math.prod(dims)  # Python integers: no overflow, whatever the header says
+            if dims[0] == 0:
+                raise DataError(f"{path}: the header says the file holds 0 {kind}s")
+            if expected == 0:
+                raise DataError(f"{path}: the header describes empty {kind}s {dims}")
+            if expected > MAX_IDX_BYTES:
+                raise DataError(f"{path}: the header says {dims} = {expected:,} bytes of data, over the "
+                                f"{MAX_IDX_BYTES:,}-byte limit; not an MNIST-style file")
+            data = f.read(expected)
+            trailing = f.read(1)
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({e}); the file is truncated or not gzip — delete it and download again") from None
-    if len(raw) < 8:
-        raise DataError(f"{path}: only {len(raw)} bytes, too short for an IDX header")
-    got = int.from_bytes(raw[:4], "big")
-    if got != magic:
-        raise DataError(f"{path}: wrong magic number {got} (expected {magic}); not an IDX {'image' if magic == 2051 else 'label'} file")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise DataError(f"{path}: header says {dims} = {expected} bytes of data, file has {len(raw) - header}; truncated or corrupt")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    if len(data) != expected or trailing:
+        have = f"more than {expected:,}" if trailing else f"{len(data):,}"
+        raise DataError(f"{path}: header says {dims} = {expected:,} bytes of data, file has {have}; truncated or corrupt")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def _find_idx_folder(candidates: Sequence[Path]) -> Path | None:
@@ -206,13 +314,9 @@ def load_idx_dataset(name: str, data_dir: Path, download: bool) -> tuple[ImageSe
         lbl_path = _idx_path(folder, f"{prefix}-labels-idx1-ubyte")
         images = read_idx(img_path, 2051)
         labels = read_idx(lbl_path, 2049)
-        if images.ndim != 3:
-            raise DataError(f"{img_path}: expected N x H x W images, got shape {images.shape}")
-        if labels.ndim != 1:
-            raise DataError(f"{lbl_path}: expected a vector of labels, got shape {labels.shape}")
         if len(images) != len(labels):
             raise DataError(f"{img_path} holds {len(images)} images but {lbl_path} holds {len(labels)} labels")
-        if len(labels) and labels.max() > 9:
+        if labels.max() > 9:
             raise DataError(f"{lbl_path}: label {labels.max()} out of range 0..9")
         return ImageSet(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)))
 
@@ -233,6 +337,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("__builtin__", "bytes"), ("builtins", "bytes"),  # protocol 2 writes an empty array's data this way
     }
 
     def find_class(self, module: str, name: str):
@@ -243,10 +348,13 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 def _load_pickle(path: Path) -> dict:
     try:
-        with open(path, "rb") as f:
-            d = _ArrayUnpickler(f, encoding="bytes").load()
+        raw = read_bounded(path, MAX_PICKLE_BYTES)
     except FileNotFoundError:
         raise DataError(f"{path}: missing") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    try:
+        d = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as e:  # truncated, not a pickle, or a forbidden global
         raise DataError(f"{path}: not a readable CIFAR pickle ({type(e).__name__}: {e})") from None
     if not isinstance(d, dict):
@@ -258,47 +366,105 @@ def _cifar_batch(path: Path, label_key: str, num_classes: int) -> ImageSet:
     d = _load_pickle(path)
     if "data" not in d or label_key not in d:
         raise DataError(f"{path}: missing 'data' or '{label_key}' entry; not a CIFAR batch")
-    data = np.asarray(d["data"])
-    labels = np.asarray(d[label_key])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"{path}: expected uint8 data of shape (N, 3072), got {data.dtype} {data.shape}")
+    data, labels = d["data"], d[label_key]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        found = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: expected uint8 data of shape (N, 3072), got {found}")
+    if len(data) == 0:
+        raise DataError(f"{path}: holds 0 images")
+    try:
+        labels = np.asarray(labels)
+    except (ValueError, TypeError):
+        raise DataError(f"{path}: '{label_key}' is not a list of class indices") from None
+    if labels.dtype.kind not in "iu":  # floats (NaN among them), bools, strings, mixed objects
+        raise DataError(f"{path}: '{label_key}' must hold whole class indices, found {labels.dtype} values")
     if labels.ndim != 1 or len(labels) != len(data):
         raise DataError(f"{path}: {len(data)} images but {labels.size} labels")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{path}: label {labels.max()} out of range 0..{num_classes - 1}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        bad = labels.min() if labels.min() < 0 else labels.max()
+        raise DataError(f"{path}: label {bad} out of range 0..{num_classes - 1}")
     return ImageSet(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), torch.from_numpy(labels.astype(np.int64)))
 
 
 def _names(path: Path, key: str, count: int) -> list[str]:
     names = _load_pickle(path).get(key)
-    if not isinstance(names, list) or len(names) != count:
-        raise DataError(f"{path}: expected {count} entries under '{key}'")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    if not isinstance(names, list) or len(names) != count or \
+            not all(isinstance(n, (bytes, str)) and 0 < len(n) <= 200 for n in names):
+        raise DataError(f"{path}: expected {count} class names (each 1 to 200 characters) under '{key}'")
+    return [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names]
 
 
-def _safe_extract(archive: Path, dest: Path) -> None:
+def extract_members(archive: Path, dest: Path, folder: str, wanted: Sequence[str],
+                    limit: int = MAX_ARCHIVE_BYTES) -> Path:
+    """Write the regular files ``folder/<name>`` (``name`` in ``wanted``) of a tar archive
+    into ``dest/folder/``, and nothing else; returns that folder.
+
+    Output paths are built here from the allow-list, never taken from the archive, so no
+    member can land outside ``dest`` whatever this Python's ``tarfile`` filters do. A wanted
+    name that is a link, device or folder, one that appears twice or is missing, or more
+    than ``limit`` bytes in all, refuse the archive."""
+    out = dest / folder
+    out.mkdir()
+    written, total = set(), 0
     try:
         with tarfile.open(archive, "r:*") as tar:
-            tar.extractall(dest, filter="data")  # refuses absolute paths, '..' and links out of dest
-    except (tarfile.TarError, OSError, EOFError) as e:
+            for member in tar:
+                parts = member.name.strip("/").split("/")
+                if len(parts) != 2 or parts[0] != folder or parts[1] not in wanted:
+                    continue  # not a file vitlab reads: never written
+                if not member.isreg():
+                    raise DataError(f"{archive}: {member.name} is not a regular file (a link or device); refusing the archive")
+                if parts[1] in written:
+                    raise DataError(f"{archive}: {member.name} appears twice; refusing the archive")
+                total += member.size
+                if total > limit:
+                    raise DataError(f"{archive}: its files hold more than the {limit:,}-byte limit; refusing the archive")
+                source = tar.extractfile(member)
+                with source, open(out / parts[1], "wb") as sink:
+                    shutil.copyfileobj(source, sink, 1 << 20)  # a regular member yields exactly member.size bytes
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                written.add(parts[1])
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise DataError(f"{archive}: cannot extract ({e}); the archive is truncated or corrupt — delete it and download again") from None
+    missing = [n for n in wanted if n not in written]
+    if missing:
+        raise DataError(f"{archive}: does not contain {folder}/{missing[0]}; not the official archive")
+    return out
 
 
 def _ensure_cifar(name: str, data_dir: Path, download: bool) -> Path:
-    folder_name = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}[name]
+    """The dataset's folder under ``data_dir``, extracted from its archive when only that is
+    there. The archive, found or downloaded, must have the published MD5 before anything
+    is extracted; extraction goes to a temporary folder inside ``data_dir`` that is renamed
+    into place, so a second process extracting at the same time finds one whole folder."""
+    folder_name, wanted = CIFAR_FILES[name]
     folder = data_dir / folder_name
     if folder.is_dir():
         return folder
-    archive = data_dir / REMOTE[name][0].filename
+    remote = REMOTE[name][0]
+    archive = data_dir / remote.filename
     if not archive.is_file():
         if not download:
             raise _missing(name, data_dir, f"expected {folder_name}/ or {archive.name}")
-        archive = download_file(REMOTE[name][0], data_dir)
-    with tempfile.TemporaryDirectory(dir=data_dir, prefix=".extract-") as tmp:
-        _safe_extract(archive, Path(tmp))
-        if not (Path(tmp) / folder_name).is_dir():
-            raise DataError(f"{archive}: does not contain {folder_name}/")
-        os.replace(Path(tmp) / folder_name, folder)  # the folder appears whole or not at all
+        archive = download_file(remote, data_dir)
+    digest = md5sum(archive)
+    if digest != remote.md5:
+        raise DataError(f"{archive}: md5 {digest} is not the published {remote.md5} of the official archive; "
+                        f"refusing to extract it. Delete it to download the official one, or extract it yourself "
+                        f"into {folder}")
+    tmp = temp_dir(data_dir, ".extract-")
+    try:
+        extracted = extract_members(archive, tmp, folder_name, wanted)
+        try:
+            os.rename(extracted, folder)  # the folder appears whole or not at all
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not folder.is_dir():
+                raise
+            # another process extracted the same archive first: its folder is whole
+        fsync_dir(data_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -331,57 +497,72 @@ def load_digits() -> tuple[ImageSet, list[str]]:
 
 # --------------------------------------------------------------------- folder
 
+def _visible(paths) -> list[Path]:
+    return sorted(p for p in paths if not p.name.startswith("."))
+
+
 def _class_dirs(root: Path) -> list[Path]:
-    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return _visible(p for p in root.iterdir() if p.is_dir())
 
 
-def load_image_tree(root: Path, image_size: int, classes: list[str] | None = None,
+def _image_files(folder: Path) -> list[Path]:
+    return _visible(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+
+
+def load_image_tree(root: Path, image_size: int, class_dirs: Sequence[str] | None = None,
                     warn: Callable[[str], None] = print) -> tuple[ImageSet, list[str]]:
-    """One subfolder per class; every file Pillow can read is resized to
-    ``image_size`` and converted to RGB. Unreadable files are named and skipped."""
-    from PIL import Image, UnidentifiedImageError
+    """One subfolder per class; every file in a raster format (:mod:`vitlab.images`) is
+    resized to ``image_size`` and converted to RGB. Unreadable files are named and skipped.
 
-    dirs = _class_dirs(root)
-    if classes is None:
-        classes = [d.name for d in dirs]
-        if len(classes) < 2:
-            raise DataError(f"{root}: found {len(classes)} class folder(s); a classifier needs at least 2 (one subfolder per class)")
-    images, labels, skipped = [], [], []
-    for label, cls in enumerate(classes):
-        folder = root / cls
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")) if folder.is_dir() else []
+    ``class_dirs``: the class folders' own names (as the file system spells them) to read,
+    in label order; default: every subfolder of ``root``. Returns the images and the class
+    names as they can be printed (a folder name that is not UTF-8 shows U+FFFD)."""
+    if class_dirs is None:
+        class_dirs = [d.name for d in _class_dirs(root)]
+        if len(class_dirs) < 2:
+            raise DataError(f"{printable(root)}: found {len(class_dirs)} class folder(s); a classifier needs at "
+                            f"least 2 (one subfolder per class)")
+    classes = [printable(c) for c in class_dirs]
+    if len(set(classes)) < len(classes):
+        raise DataError(f"{printable(root)}: two class folders have names that print the same "
+                        f"({sorted(c for c in classes if classes.count(c) > 1)[0]!r}); rename one")
+    listing = [_image_files(root / c) for c in class_dirs]
+    total = sum(len(files) for files in listing)
+    check_memory(total, 3, image_size, printable(root))
+    images = np.empty((total, 3, image_size, image_size), dtype=np.uint8)  # filled in place: no second copy
+    labels, skipped = [], []
+    for label, (cls, files) in enumerate(zip(class_dirs, listing)):
         count = 0
         for path in files:
             try:
-                with Image.open(path) as im:
-                    im = im.convert("RGB").resize((image_size, image_size), Image.Resampling.BILINEAR)
-                    images.append(np.asarray(im, dtype=np.uint8).transpose(2, 0, 1))
-            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-                skipped.append(f"{path} ({type(e).__name__})")
+                images[len(labels)] = read_image(path, "RGB", image_size).transpose(2, 0, 1)
+            except (OSError, ValueError) as e:  # ImageRefused is a ValueError; Pillow raises both
+                skipped.append(f"{printable(path)} ({failure_reason(e)})")
                 continue
             labels.append(label)
             count += 1
-        if count == 0 and folder.is_dir():
-            raise DataError(f"{folder}: class folder holds no readable image; add images or remove the folder")
+        if count == 0 and (root / cls).is_dir():
+            raise DataError(f"{printable(root / cls)}: class folder holds no readable image; add images or remove the folder")
     if skipped:
         shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
-        warn(f"skipped {len(skipped)} unreadable file(s) under {root}: {shown}")
-    if not images:
-        raise DataError(f"{root}: no readable images")
-    return ImageSet(torch.from_numpy(np.stack(images)), torch.tensor(labels, dtype=torch.int64)), classes
+        warn(f"skipped {len(skipped)} unreadable file(s) under {printable(root)}: {shown}")
+    if not labels:
+        raise DataError(f"{printable(root)}: no readable images")
+    return ImageSet(torch.from_numpy(images[: len(labels)]), torch.tensor(labels, dtype=torch.int64)), classes
 
 
 def load_folder(root: Path, image_size: int, warn: Callable[[str], None] = print) -> tuple[ImageSet, ImageSet | None, ImageSet | None, list[str]]:
     """``root/<class>/*`` or ``root/{train,val,test}/<class>/*``: returns train, val, test (or None) and class names."""
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist; pass --data-dir pointing at a folder with one subfolder per class")
-    if (root / "train").is_dir():
-        train, classes = load_image_tree(root / "train", image_size, warn=warn)
-        val = load_image_tree(root / "val", image_size, classes, warn)[0] if (root / "val").is_dir() else None
-        test = load_image_tree(root / "test", image_size, classes, warn)[0] if (root / "test").is_dir() else None
-        return train, val, test, classes
-    train, classes = load_image_tree(root, image_size, warn=warn)
-    return train, None, None, classes
+    if not (root / "train").is_dir():
+        train, classes = load_image_tree(root, image_size, warn=warn)
+        return train, None, None, classes
+    class_dirs = [d.name for d in _class_dirs(root / "train")]
+    train, classes = load_image_tree(root / "train", image_size, warn=warn)
+    val, test = ((load_image_tree(root / part, image_size, class_dirs, warn)[0] if (root / part).is_dir() else None)
+                 for part in ("val", "test"))
+    return train, val, test, classes
 
 
 # --------------------------------------------------------------------- splits
@@ -396,17 +577,33 @@ def carve(data: ImageSet, size: float, seed: int = SPLIT_SEED) -> tuple[ImageSet
     return data.subset(perm[k:].sort().values), data.subset(perm[:k].sort().values)
 
 
+CHUNK = 1024  # images per step of the passes below: bounded float copies, not one of the whole set
+
+
 def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Antialiased bilinear resize of a uint8 batch, a chunk at a time."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
-    x = torch.nn.functional.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x.round().clamp(0, 255).to(torch.uint8)
+    out = torch.empty(len(images), images.shape[1], size, size, dtype=torch.uint8)
+    for i in range(0, len(images), CHUNK):
+        x = torch.nn.functional.interpolate(images[i: i + CHUNK].float(), size=(size, size), mode="bilinear",
+                                            antialias=True, align_corners=False)
+        out[i: i + CHUNK] = x.round_().clamp_(0, 255)
+    return out
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = images.double().div_(255.0)
-    mean = x.mean(dim=(0, 2, 3))
-    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    """Per-channel mean and (unbiased) standard deviation of uint8 images scaled to [0, 1],
+    accumulated in float64 a chunk at a time (a float64 copy of CIFAR would be 1.2 GB)."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for i in range(0, len(images), CHUNK):
+        x = images[i: i + CHUNK].double().div_(255.0)
+        total += x.sum(dim=(0, 2, 3))
+        squares += x.square_().sum(dim=(0, 2, 3))
+    n = images.numel() // images.shape[1]
+    mean = total / n
+    std = ((squares - n * mean.square()) / max(1, n - 1)).clamp_min(0).sqrt().clamp_min(1e-3)
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
 
@@ -432,11 +629,10 @@ def load_dataset(name: str, data_dir: str | Path, *, val_size: float = 0.1, imag
     else:
         raise DataError(f"unknown dataset {name!r}")
 
-    if image_size is not None:
+    if image_size is not None and name != "folder":  # folder images are decoded at this size
+        check_memory(len(train) + len(test), train.images.shape[1], image_size, f"{name} at --image-size {image_size}")
         train = ImageSet(resize_images(train.images, image_size), train.labels)
         test = ImageSet(resize_images(test.images, image_size), test.labels)
-        if val is not None:
-            val = ImageSet(resize_images(val.images, image_size), val.labels)
     val_is_test = False
     if val is None:
         if val_size == 0:

@@ -20,3 +20,11 @@ class DataError(VitlabError):
 
 class CheckpointError(VitlabError):
     """A checkpoint is missing, damaged or incompatible."""
+
+
+class TrainingInterrupted(VitlabError):
+    """Raised after a SIGINT/SIGTERM (or a ``stop_when`` callback) once the last checkpoint is safely written."""
+
+
+class NonFiniteLoss(VitlabError):
+    """The loss became NaN or Inf."""

@@ -3,94 +3,128 @@
 Structure follows timm's ``vision_transformer.py``: ``PatchEmbed`` -> class token
 and learned positional embedding -> ``depth`` pre-norm ``Block``s (``Attention``
 + ``Mlp``) -> final LayerNorm -> linear head on the class token (or the mean of
-the patch tokens). With the class token, the last block computes that token's output
-only: the head reads nothing else (``ViT.cls_only_last_block``).
+the patch tokens). ``ViT.forward(x)`` returns logits, always;
+``ViT.forward_with_attention(x)`` also returns every layer's attention weights.
+
+What the model computes is its :class:`ViTConfig` (saved beside the weights); how it
+computes it is its :class:`Kernels` (chosen per device, never saved).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Literal
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import PATCH_EMBEDS
 from .errors import ConfigError
+from .options import flag, from_mapping, option, to_mapping
+from .runtime import fastest_attention
+
+PATCH_EMBEDS = ("conv", "linear", "spt", "conv-stem", "conv-pool")
+POOLS = ("cls", "mean")
+ATTENTION_KERNELS = ("auto", "sdpa", "explicit")
+MAX_IMAGE_SIZE = 512  # a ViT for small images; also bounds what a checkpoint manifest may ask to allocate
+MAX_TOKENS = 4096
 
 
 @dataclass
-class ViTConfig:
-    """Everything needed to rebuild a ViT; stored as JSON beside its weights."""
+class ArchConfig:
+    """The architecture a user chooses; each field is also a ``vitlab train`` flag.
+    The defaults are the reference design: 4x4 patches, 12 blocks, 8 heads, width 256, MLP 512."""
+
+    patch_size: int | None = option(None, "patch side length (default: 4, or 2 for images under 16 px)")
+    depth: int = option(12, "number of transformer encoder blocks")
+    heads: int = option(8, "attention heads per block (must divide --dim)")
+    dim: int = option(256, "token embedding width")
+    mlp_dim: int = option(512, "hidden width of each block's MLP")
+    dropout: float = option(0.0, "dropout on embeddings, attention output and MLP")
+    attn_dropout: float = option(0.0, "dropout on attention weights")
+    drop_path: float = option(0.0, "stochastic depth: drop rate of the last block's residual branches (linearly less for earlier blocks)")
+    layer_scale: float = option(0.0, "LayerScale (CaiT) initial value on each residual branch (0: off; 1e-4 is usual)")
+    pool: str = option("cls", "what feeds the head: 'cls' (class token) or 'mean' (mean of patch tokens)", choices=POOLS)
+    patch_embed: str = option("conv", "tokenizer: 'conv' or 'linear' (the plain patch projection), 'spt' (shifted patch tokenization, Lee et al. 2021), 'conv-stem' (a 3x3 conv first: overlapping patches) or 'conv-pool' (the CCT tokenizer, Hassani et al. 2021: log2(patch) stages of 3x3 conv + ReLU + 3x3/2 max-pool)", choices=PATCH_EMBEDS)
+    lsa: bool = option(False, "locality self-attention (Lee et al. 2021): learnable temperature, tokens do not attend to themselves")
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad architecture value."""
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ConfigError(msg)
+
+        for name, top in (("depth", 64), ("heads", 64), ("dim", 4096), ("mlp_dim", 16384)):
+            v = getattr(self, name)
+            need(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top,
+                 f"{flag(name)} must be an integer from 1 to {top}, got {v!r}")
+        p = self.patch_size
+        need(p is None or (isinstance(p, int) and 1 <= p <= 64), f"--patch-size must be an integer from 1 to 64, got {p!r}")
+        need(self.dim % self.heads == 0, f"--heads {self.heads} does not divide --dim {self.dim}; dim must be a multiple of heads")
+        for name in ("dropout", "attn_dropout", "drop_path"):
+            need(0.0 <= getattr(self, name) < 1.0, f"{flag(name)} must be in [0, 1), got {getattr(self, name)}")
+        need(0.0 <= self.layer_scale <= 10.0, f"--layer-scale must be in [0, 10] (0 disables), got {self.layer_scale}")
+        need(self.pool in POOLS, f"--pool must be 'cls' or 'mean', got {self.pool!r}")
+        need(self.patch_embed in PATCH_EMBEDS, f"--patch-embed must be one of {', '.join(PATCH_EMBEDS)}, got {self.patch_embed!r}")
+        need(isinstance(self.lsa, bool), f"--lsa must be true or false, got {self.lsa!r}")
+        if p is not None:
+            need(self.patch_embed != "conv-pool" or (p >= 2 and p & (p - 1) == 0),
+                 f"--patch-embed conv-pool halves the image per stage: --patch-size must be 2, 4, 8 ..., got {p}")
+            need(self.patch_embed != "spt" or p % 2 == 0,
+                 f"--patch-embed spt shifts by half a patch: --patch-size must be even, got {p}")
+
+
+def default_patch_size(image_size: int) -> int:
+    return 4 if image_size >= 16 else 2
+
+
+def check_patch_fits(image_size: int, patch_size: int, what: str | None = None) -> None:
+    """The patch grid must tile the image exactly, into at most MAX_TOKENS patches.
+    ``what``: how the message names the image size (default "--image-size N")."""
+    what = what or f"--image-size {image_size}"
+    if image_size % patch_size:
+        raise ConfigError(f"--patch-size {patch_size} does not divide {what}; choose one of "
+                          f"{[p for p in range(1, min(image_size, 64) + 1) if image_size % p == 0]}")
+    if (image_size // patch_size) ** 2 > MAX_TOKENS:
+        raise ConfigError(f"--patch-size {patch_size} cuts {what} into {(image_size // patch_size) ** 2:,} "
+                          f"patches, over the limit of {MAX_TOKENS:,}; use larger patches")
+
+
+@dataclass
+class ViTConfig(ArchConfig):
+    """Everything needed to rebuild a ViT: the architecture plus what the data decides.
+    Stored as JSON beside its weights. ``patch_size`` None becomes the default for the image size."""
 
     image_size: int = 32
     channels: int = 3
     num_classes: int = 10
-    patch_size: int = 4
-    depth: int = 12
-    heads: int = 8
-    dim: int = 256
-    mlp_dim: int = 512
-    dropout: float = 0.0
-    attn_dropout: float = 0.0
-    # Stochastic depth: the last block drops its residual branches with this
-    # probability, earlier blocks proportionally less (0 at the first).
-    drop_path: float = 0.0
-    # LayerScale (CaiT): per-channel scales on each residual branch, initialised to
-    # this value; 0 disables.
-    layer_scale: float = 0.0
-    pool: Literal["cls", "mean"] = "cls"
-    # Tokenizer: "conv"/"linear" (the plain patch projection, same map), "spt" (shifted
-    # patch tokenization, Lee et al. 2021), "conv-stem" (a 3x3 conv before the patch
-    # projection, so neighbouring patches overlap in what they see), "conv-pool" (the
-    # Compact Convolutional Transformer tokenizer, Hassani et al. 2021: log2(patch)
-    # stages of 3x3 conv + ReLU + 3x3/2 max-pool, so each token sees a wider field).
-    patch_embed: Literal["conv", "linear", "spt", "conv-stem", "conv-pool"] = "conv"
-    # Locality self-attention (Lee et al. 2021): learnable softmax temperature, and no
-    # token attends to itself.
-    lsa: bool = False
-    # "sdpa": torch.nn.functional.scaled_dot_product_attention; "explicit":
-    # softmax(q k^T) v as matrix products. Both compute the same function;
-    # which is faster depends on device and precision (see benchmarks/).
-    attention: Literal["sdpa", "explicit"] = "sdpa"
 
     def __post_init__(self) -> None:
+        if self.patch_size is None and isinstance(self.image_size, int):
+            self.patch_size = default_patch_size(self.image_size)
         self.validate()
 
     def validate(self) -> None:
-        for name in ("image_size", "channels", "num_classes", "patch_size", "depth", "heads", "dim", "mlp_dim"):
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        if self.num_classes < 2:
-            raise ConfigError(f"a classifier needs at least 2 classes, got {self.num_classes}")
-        if self.image_size % self.patch_size:
-            raise ConfigError(
-                f"patch-size {self.patch_size} does not divide image-size {self.image_size}; "
-                f"choose one of {[p for p in range(1, self.image_size + 1) if self.image_size % p == 0]}"
-            )
-        if self.dim % self.heads:
-            raise ConfigError(f"heads {self.heads} does not divide dim {self.dim}; dim must be a multiple of heads")
-        for name in ("dropout", "attn_dropout", "drop_path"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
-        if self.layer_scale < 0:
-            raise ConfigError(f"layer-scale must be >= 0 (0 disables), got {self.layer_scale}")
-        if self.pool not in ("cls", "mean"):
-            raise ConfigError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
-        if self.patch_embed not in PATCH_EMBEDS:
-            raise ConfigError(f"patch-embed must be one of {', '.join(PATCH_EMBEDS)}, got {self.patch_embed!r}")
-        if self.patch_embed == "conv-pool" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
-            raise ConfigError(f"patch-embed conv-pool halves the image per stage: patch-size must be 2, 4, 8 ..., got {self.patch_size}")
-        if self.patch_embed == "spt" and self.patch_size % 2:
-            raise ConfigError(f"patch-embed spt shifts by half a patch: patch-size must be even, got {self.patch_size}")
-        if self.attention not in ("sdpa", "explicit"):
-            raise ConfigError(f"attention must be 'sdpa' or 'explicit', got {self.attention!r}")
+        super().validate()
+        for name, lo, hi in (("image_size", 1, MAX_IMAGE_SIZE), ("channels", 1, 4), ("num_classes", 2, 100_000)):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+                raise ConfigError(f"{name.replace('_', ' ')} must be an integer from {lo} to {hi:,}, got {v!r}"
+                                  + (" (a classifier needs at least 2 classes)" if name == "num_classes" else ""))
+        check_patch_fits(self.image_size, self.patch_size, f"image size {self.image_size}")
 
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_patches + (1 if self.pool == "cls" else 0)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side: the token grid that maps back onto the image."""
+        return self.image_size // self.patch_size
 
     @property
     def conv_pool_stages(self) -> int:
@@ -98,15 +132,37 @@ class ViTConfig:
         return self.patch_size.bit_length() - 1
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return to_mapping(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ViTConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**d)
+    def from_dict(cls, d: dict, source: str = "model config") -> "ViTConfig":
+        # "attention" was saved by vitlab 0.1 checkpoints; the kernel is no longer part of the architecture.
+        return from_mapping(cls, d, source, ignore=("attention",))
+
+
+def arch_fields() -> list[str]:
+    """The names of the fields a user chooses (``ArchConfig``), in declaration order."""
+    return [f.name for f in fields(ArchConfig)]
+
+
+@dataclass
+class Kernels:
+    """How the model computes, not what: the same function either way, so never saved with
+    the weights. Every copy of a model (the EMA copy included) shares its options.
+
+    ``attention``: "sdpa" (``F.scaled_dot_product_attention``), "explicit" (softmax(q k^T) v
+    as matrix products), or "auto": the one measured fastest for the device and autocast
+    dtype of each call (``runtime.fastest_attention``; on CPU under bf16, SDPA falls back to
+    a path 2.5x slower). ``cls_only_last_block``: with a class token, the head reads only
+    that token, so the last block computes only its output: the same logits for an eighth
+    fewer FLOPs at depth 6 (a 19% faster training step on the 2-core CPU)."""
+
+    attention: str = "auto"
+    cls_only_last_block: bool = True
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_KERNELS:
+            raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -133,7 +189,8 @@ class ChannelsLast(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Cut the image into patches and project each to ``dim``.
+    """Cut the image into patches and project each to ``dim``: (B, C, H, W) -> (B, N, dim),
+    tokens in row-major order of the ``grid`` x ``grid`` patch grid.
 
     ``conv`` and ``linear`` are the same linear map (a strided convolution is a
     matmul over flattened patches); both are offered because their speed differs.
@@ -165,7 +222,7 @@ class PatchEmbed(nn.Module):
             self.proj = nn.Conv2d(c, cfg.dim, 3, padding=1)
             self.pool = nn.Sequential(ChannelsLast(), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, dim)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
         if self.kind == "conv":
             return self.proj(x).flatten(2).transpose(1, 2)
@@ -181,7 +238,7 @@ class PatchEmbed(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection."""
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, kernels: Kernels):
         super().__init__()
         self.heads = cfg.heads
         self.head_dim = cfg.dim // cfg.heads
@@ -190,7 +247,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim)
         self.attn_dropout = cfg.attn_dropout
         self.proj_drop = nn.Dropout(cfg.dropout)
-        self.use_sdpa = cfg.attention == "sdpa"
+        self.kernels = kernels
         # LSA: a learnable temperature (stored as its log) replaces the fixed scale.
         self.log_temperature = nn.Parameter(torch.tensor(math.log(self.scale))) if cfg.lsa else None
 
@@ -200,36 +257,66 @@ class Attention(nn.Module):
         parts = width // (self.heads * self.head_dim)
         return t.reshape(b, n, parts, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, queries: int | None = None):
+    def _qkv(self, x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries of the first ``m`` tokens; keys and values of all of them."""
+        d = x.shape[-1]
+        if m == x.shape[1]:
+            return self._split_heads(self.qkv(x))
+        # the same projection, with the query rows applied to the query tokens only
+        w_q, w_kv = self.qkv.weight.split([d, 2 * d])
+        b_q, b_kv = self.qkv.bias.split([d, 2 * d])
+        (q,) = self._split_heads(F.linear(x[:, :m], w_q, b_q))
+        k, v = self._split_heads(F.linear(x, w_kv, b_kv))
+        return q, k, v
+
+    def _scale(self) -> torch.Tensor | float:
+        return self.log_temperature.exp() if self.log_temperature is not None else self.scale
+
+    def _allowed(self, m: int, n: int, device: torch.device) -> torch.Tensor | None:
+        """LSA masks the diagonal: a token may not attend to itself (True = may attend)."""
+        return ~torch.eye(m, n, dtype=torch.bool, device=device) if self.log_temperature is not None else None
+
+    def _merge(self, out: torch.Tensor) -> torch.Tensor:
+        b, _, m, _ = out.shape
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, self.heads * self.head_dim)))
+
+    def attention_weights(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T * scale) over the keys (LSA: with the diagonal masked): (B, heads, M, N)."""
+        attn = (q * self._scale()) @ k.transpose(-2, -1)
+        allowed = self._allowed(q.shape[2], k.shape[2], q.device)
+        if allowed is not None:
+            attn = attn.masked_fill(~allowed, float("-inf"))
+        return attn.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
         """``queries``: only the first ``queries`` tokens attend (all tokens still serve as
         keys and values); the output then has that many tokens."""
-        b, n, d = x.shape
-        m = n if queries is None else queries
-        if m == n:
-            q, k, v = self._split_heads(self.qkv(x))
-        else:  # the same projection, with the query rows applied to the query tokens only
-            w_q, w_kv = self.qkv.weight.split([d, 2 * d])
-            b_q, b_kv = self.qkv.bias.split([d, 2 * d])
-            (q,) = self._split_heads(F.linear(x[:, :m], w_q, b_q))
-            k, v = self._split_heads(F.linear(x, w_kv, b_kv))
+        n = x.shape[1]
+        q, k, v = self._qkv(x, n if queries is None else queries)
         p_drop = self.attn_dropout if self.training else 0.0
-        attn = None
-        scale = self.log_temperature.exp() if self.log_temperature is not None else self.scale
-        # LSA masks the diagonal: a token may not attend to itself (True = may attend).
-        allowed = ~torch.eye(m, n, dtype=torch.bool, device=x.device) if self.log_temperature is not None else None
-        if self.use_sdpa and not return_attention:
+        kernel = self.kernels.attention
+        if kernel == "auto":
+            device = x.device.type
+            kernel = fastest_attention(x.device, torch.get_autocast_dtype(device)
+                                       if torch.is_autocast_enabled(device) else None)
+        if kernel == "sdpa":
+            allowed = self._allowed(q.shape[2], n, x.device)
             if allowed is None:
                 out = F.scaled_dot_product_attention(q, k, v, dropout_p=p_drop)
             else:  # the learnable temperature goes into q, so SDPA's own scale is 1
-                out = F.scaled_dot_product_attention(q * scale, k, v, attn_mask=allowed, dropout_p=p_drop, scale=1.0)
+                out = F.scaled_dot_product_attention(q * self._scale(), k, v, attn_mask=allowed, dropout_p=p_drop,
+                                                     scale=1.0)
         else:
-            attn = (q * scale) @ k.transpose(-2, -1)
-            if allowed is not None:
-                attn = attn.masked_fill(~allowed, float("-inf"))
-            attn = attn.softmax(dim=-1)
-            out = F.dropout(attn, p_drop, self.training) @ v
-        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, m, d)))
-        return out, attn
+            out = F.dropout(self.attention_weights(q, k), p_drop, self.training) @ v
+        return self._merge(out)
+
+    def forward_with_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output for every token and the attention weights (B, heads, N, N), explicitly
+        computed (never a fused kernel), so that they can be read and differentiated."""
+        q, k, v = self._qkv(x, x.shape[1])
+        attn = self.attention_weights(q, k)
+        p_drop = self.attn_dropout if self.training else 0.0
+        return self._merge(F.dropout(attn, p_drop, self.training) @ v), attn
 
 
 class Mlp(nn.Module):
@@ -271,45 +358,45 @@ class Block(nn.Module):
     """Pre-norm transformer encoder block: x + Attn(LN(x)), then x + MLP(LN(x)),
     each branch optionally scaled (LayerScale) and dropped (stochastic depth)."""
 
-    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
+    def __init__(self, cfg: ViTConfig, kernels: Kernels, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.dim)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, kernels)
         self.norm2 = nn.LayerNorm(cfg.dim)
         self.mlp = Mlp(cfg)
         self.ls1 = LayerScale(cfg.dim, cfg.layer_scale) if cfg.layer_scale > 0 else nn.Identity()
         self.ls2 = LayerScale(cfg.dim, cfg.layer_scale) if cfg.layer_scale > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False, queries: int | None = None):
-        """``queries``: compute the outputs of the first ``queries`` tokens only."""
-        a, attn = self.attn(self.norm1(x), return_attention, queries)
-        if queries is not None:
-            x = x[:, :queries]
+    def _residuals(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.ls1(a))
-        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
-        return x, attn
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+    def forward(self, x: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+        """``queries``: compute the outputs of the first ``queries`` tokens only."""
+        a = self.attn(self.norm1(x), queries)
+        return self._residuals(x if queries is None else x[:, :queries], a)
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, attn = self.attn.forward_with_weights(self.norm1(x))
+        return self._residuals(x, a), attn
 
 
 class ViT(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, kernels: Kernels | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        self.kernels = kernels or Kernels()
         self.patch_embed = PatchEmbed(cfg)
         # The class token exists only when it feeds the head.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
-        num_tokens = cfg.num_patches + (1 if cfg.pool == "cls" else 0)
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, cfg.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))
         self.pos_drop = nn.Dropout(cfg.dropout)
         rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList([Block(cfg, rate) for rate in rates])
+        self.blocks = nn.ModuleList([Block(cfg, self.kernels, rate) for rate in rates])
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
-        # The head reads only the class token, so the last block need not compute the other
-        # tokens' outputs: the same logits for an eighth fewer FLOPs at depth 6 (a 19% faster
-        # step on the 2-core CPU). Switchable to compare; attention maps are always full.
-        self.cls_only_last_block = True
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -329,33 +416,46 @@ class ViT(nn.Module):
                 nn.init.constant_(m.gamma, self.cfg.layer_scale)
         # Patch projection: LeCun-normal over its fan-in, as in the JAX original.
         w = self.patch_embed.proj.weight
-        fan_in = w[0].numel()
-        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / fan_in))
+        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / w[0].numel()))
         nn.init.zeros_(self.patch_embed.proj.bias)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward_features(self, x: torch.Tensor, return_attention: bool = False):
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> tokens (B, T, dim): patches, the class token first, positions added."""
         x = self.patch_embed(x)
-        if self.cfg.pool == "cls":
+        if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed.to(x.dtype))
-        attentions = []
-        shortcut = self.cls_only_last_block and self.cfg.pool == "cls" and not return_attention
-        for i, block in enumerate(self.blocks):
-            x, attn = block(x, return_attention, 1 if shortcut and i == len(self.blocks) - 1 else None)
-            if return_attention:
-                attentions.append(attn)
-        x = self.norm(x)
-        x = x[:, 0] if self.cfg.pool == "cls" else x.mean(dim=1)
-        return x, attentions
+        return self.pos_drop(x + self.pos_embed.to(x.dtype))
 
-    def forward(self, x: torch.Tensor, return_attention: bool = False):
-        """Logits of shape (B, num_classes); with ``return_attention`` also a list
-        with one (B, heads, tokens, tokens) attention map per layer."""
-        feats, attentions = self.forward_features(x, return_attention)
-        logits = self.head(feats)
-        return (logits, attentions) if return_attention else logits
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised output tokens. With the class-token shortcut (``kernels.cls_only_last_block``,
+        pool cls) the last block computes the class token only, so this is (B, 1, dim)."""
+        x = self.embed(x)
+        last = len(self.blocks) - 1
+        shortcut = self.kernels.cls_only_last_block and self.cls_token is not None
+        for i, block in enumerate(self.blocks):
+            x = block(x, 1 if shortcut and i == last else None)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the output tokens (class token or mean of the patches) and classify."""
+        x = x[:, 0] if self.cfg.pool == "cls" else x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_with_attention(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and a list with one (B, heads, T, T) attention map per layer, every token
+        computed in every block with the explicit kernel: the same logits as ``forward``."""
+        x = self.embed(x)
+        attentions = []
+        for block in self.blocks:
+            x, attn = block.forward_with_attention(x)
+            attentions.append(attn)
+        return self.forward_head(self.norm(x)), attentions
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """AdamW groups: decay matrices, not biases, norms or embeddings (nanoGPT's rule)."""
@@ -373,10 +473,13 @@ class ViT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def flops_per_image(cfg: ViTConfig, training: bool = True) -> float:
+def flops_per_image(cfg: ViTConfig, training: bool = True, cls_only_last_block: bool = False) -> float:
     """Matmul FLOPs for one image (2 per multiply-add), x3 for a training step
-    (forward + backward), as in nanoGPT's MFU estimate. Elementwise work is ignored."""
-    n = cfg.num_patches + (1 if cfg.pool == "cls" else 0)
+    (forward + backward), as in nanoGPT's MFU estimate. Elementwise work is ignored.
+    ``cls_only_last_block``: the work done with the class-token shortcut (pool cls), which
+    skips the patch tokens' query projection, attention, output projection and MLP in the
+    last block; without it, the architecture's FLOPs, as peers compute them."""
+    n = cfg.num_tokens
     d, m = cfg.dim, cfg.mlp_dim
     patch = cfg.num_patches * cfg.channels * cfg.patch_size**2 * d * (5 if cfg.patch_embed == "spt" else 1)
     if cfg.patch_embed == "conv-stem":  # 3x3 conv to dim/2 channels at full resolution, then the patch conv
@@ -389,4 +492,6 @@ def flops_per_image(cfg: ViTConfig, training: bool = True) -> float:
             c, side = out, side // 2
     per_block = n * (3 * d * d + d * d + 2 * d * m) + 2 * n * n * d  # projections, MLP, QK^T and AV
     macs = patch + cfg.depth * per_block + d * cfg.num_classes
+    if cls_only_last_block and cfg.pool == "cls":
+        macs -= (n - 1) * (d * d + 2 * n * d + d * d + 2 * d * m)
     return 2.0 * macs * (3.0 if training else 1.0)

@@ -1,28 +1,81 @@
-"""What a run leaves for people to read: results.md, loss_curve.png, predictions.png."""
+"""What a run leaves for people to read: metrics.csv, results.md, loss_curve.png, predictions.png.
+
+Figures are drawn with matplotlib's object API on an Agg canvas of their own, never
+through pyplot: writing a plot does not touch the backend a notebook or an application
+has chosen.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Sequence
 
-import matplotlib
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from .checkpoint import atomic_write_bytes, atomic_write_text  # noqa: E402
+from .fileio import atomic_write_bytes, atomic_write_text
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc"]
+EMA_FIELDS = ["val_ema_loss", "val_ema_acc"]
 
+
+# -------------------------------------------------------------------- metrics
 
 def read_metrics(path: Path) -> list[dict[str, float]]:
     if not Path(path).is_file():
         return []
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    for r in rows:
+        r["epoch"], r["step"] = int(r["epoch"]), int(r["step"])
+    return rows
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    fields = METRIC_FIELDS + [k for k in EMA_FIELDS if rows and k in rows[0]]
+    lines = [",".join(fields)] + [",".join(_fmt(r[k]) for k in fields) for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _fmt(v) -> str:
+    return str(v) if isinstance(v, int) else repr(float(v))
+
+
+# -------------------------------------------------------------------- results
+
+def code_version() -> str:
+    """'vitlab X.Y.Z', plus the git commit when vitlab runs from a checkout (read from
+    .git's files: no program is started)."""
+    from . import __version__
+
+    text = f"vitlab {__version__}"
+    commit = _git_commit(Path(__file__).resolve().parents[2])
+    return text + (f", git commit {commit}" if commit else "")
+
+
+def _git_commit(repo: Path) -> str | None:
+    git = repo / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head[:12] or None
+        ref = head[5:]
+        common = Path((git / "commondir").read_text().strip()) if (git / "commondir").is_file() else Path(".")
+        for base in (git, (git / common).resolve()):
+            if (base / ref).is_file():
+                return (base / ref).read_text().strip()[:12]
+            packed = base / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0][:12]
+    except (OSError, IndexError, ValueError):
+        pass
+    return None
 
 
 def results_table(results: dict[str, tuple[float, float]]) -> str:
@@ -39,17 +92,29 @@ def write_results(path: Path, title: str, results: dict[str, tuple[float, float]
     atomic_write_text(path, "\n".join(body) + "\n")
 
 
-def _png(fig) -> bytes:
+# -------------------------------------------------------------------- figures
+
+def new_figure(width: float, height: float):
+    """A matplotlib Figure on its own Agg canvas (no pyplot, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig, path: Path, dpi: int = 110) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_curves(rows: Sequence[dict[str, float]], path: Path, title: str) -> None:
     """Train and val loss (left) and accuracy (right) per epoch."""
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = new_figure(10, 3.8)
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train (augmented, label smoothing)", ms=3)
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", label="val", ms=3)
     ax_loss.set_xlabel("epoch")
@@ -66,37 +131,47 @@ def plot_curves(rows: Sequence[dict[str, float]], path: Path, title: str) -> Non
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
-    atomic_write_bytes(path, _png(fig))
+    save_png(fig, path)
+
+
+def show_image(ax, image: torch.Tensor) -> None:
+    """A uint8 (C, H, W) image on an axis, grey or colour, pixels as they are."""
+    img = image.permute(1, 2, 0).cpu().numpy()
+    ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
+              interpolation="nearest")
+
+
+def mark_mistake(ax) -> None:
+    for spine in ax.spines.values():
+        spine.set_visible(True)
+        spine.set_color("tab:red")
+        spine.set_linewidth(2)
+    ax.axis("on")
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def plot_predictions(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, probs: torch.Tensor,
                      classes: Sequence[str], path: Path, title: str, cols: int = 8) -> None:
     """A grid of test images titled 'pred (p)' with the true label below; mistakes in red."""
     n = len(images)
-    rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.45, rows * 1.7))
+    rows = max(1, math.ceil(n / cols))
+    fig = new_figure(cols * 1.45, rows * 1.7)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[:n]):
-        img = images[i].permute(1, 2, 0).cpu().numpy()
-        ax.imshow(img.squeeze(-1) if img.shape[-1] == 1 else img, cmap="gray" if img.shape[-1] == 1 else None,
-                  interpolation="nearest")
+        show_image(ax, images[i])
         right = int(preds[i]) == int(labels[i])
         color = "tab:green" if right else "tab:red"
-        ax.set_title(f"{_short(classes[int(preds[i])])} ({float(probs[i]):.2f})", fontsize=7, color=color)
-        ax.text(0.5, -0.1, f"true: {_short(classes[int(labels[i])])}", fontsize=6, ha="center", va="top",
+        ax.set_title(f"{short(classes[int(preds[i])])} ({float(probs[i]):.2f})", fontsize=7, color=color)
+        ax.text(0.5, -0.1, f"true: {short(classes[int(labels[i])])}", fontsize=6, ha="center", va="top",
                 transform=ax.transAxes, color="black" if right else "tab:red")
         if not right:
-            for spine in ax.spines.values():
-                spine.set_visible(True)
-                spine.set_color("tab:red")
-                spine.set_linewidth(2)
-            ax.axis("on")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            mark_mistake(ax)
     fig.suptitle(title + "   (red: mistakes)", fontsize=9)
-    atomic_write_bytes(path, _png(fig))
+    save_png(fig, path)
 
 
-def _short(name: str, limit: int = 12) -> str:
+def short(name: str, limit: int = 12) -> str:
     return name if len(name) <= limit else name[: limit - 1] + "…"

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import sys
+import time
 
 import torch
 
@@ -51,14 +52,17 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if native_bf16(device) else None
 
 
-def resolve_attention(attention: str, device: torch.device, amp_dtype: torch.dtype | None) -> str:
-    """'auto' picks the kernel measured fastest (benchmarks/train_step.py): on CPU
+def fastest_attention(device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    """The attention kernel measured fastest (benchmarks/train_step.py, variants.py): on CPU
     under bf16 autocast, SDPA falls back to a slow path and explicit matmuls win."""
-    if attention != "auto":
-        return attention
     if device.type == "cpu" and amp_dtype is not None:
         return "explicit"
     return "sdpa"
+
+
+def resolve_attention(attention: str, device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    """``attention`` ('auto', 'sdpa' or 'explicit') as the kernel that will run."""
+    return fastest_attention(device, amp_dtype) if attention == "auto" else attention
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -70,6 +74,27 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype | None, n: int | None = None, reps: int = 20) -> float:
+    """Measured FLOP/s of a large square matrix product (``dtype`` None: fp32), its fastest of
+    ``reps`` after three warm-up calls: the ceiling MFU is quoted against. (With one warm-up
+    and the median of five, the 2-core CPU once read 482 bf16 GFLOP/s against ~930 in other
+    runs.) At the default size this costs ~0.2 s on the 2-core CPU, milliseconds on a GPU."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    dtype = dtype or torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)

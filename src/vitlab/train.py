@@ -1,18 +1,23 @@
 """Training: the whole dataset on the device as uint8, batches drawn by index and
 augmented there, AdamW with warmup + cosine, metrics accumulated on the device
 and read once per log interval, checkpoints that resume bit-exactly.
+
+``train()`` reads top to bottom: open the run (or recover it), set up the runtime,
+load the data, build the parts, start or restore the ``TrainState``, then for each
+epoch ``train_epoch`` (the hot loop) and ``end_epoch`` (validate, pick raw or EMA
+weights, checkpoint, log), and ``finish_run`` (the report).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import random
-import shutil
 import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
@@ -20,26 +25,20 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from tqdm.auto import tqdm
 
-from . import report
+from . import report, rundir
 from .augment import BatchAugment, Normalize, mix_batch
-from .checkpoint import (CheckpointMeta, atomic_write_text, load_state, load_weights, read_meta, recover,
+from .checkpoint import (CheckpointMeta, check_weights_header, load_state, load_weights, read_meta, recover,
                          save_checkpoint)
-from .config import TrainConfig
-from .data import DatasetSplits, ImageSet, load_dataset
-from .errors import CheckpointError, ConfigError, VitlabError
-from .model import ViT, ViTConfig, flops_per_image
-from .runtime import autocast, keep_freed_memory, resolve_attention, resolve_device, resolve_precision, synchronize
-
-
-class TrainingInterrupted(VitlabError):
-    """Raised after a SIGINT/SIGTERM once the last checkpoint is safely written."""
-
-
-class NonFiniteLoss(VitlabError):
-    """The loss became NaN or Inf."""
+from .config import RUNTIME_FIELDS, TrainConfig, default_config
+from .data import DatasetSplits, fingerprint_changes, load_dataset
+from .errors import CheckpointError, ConfigError, NonFiniteLoss, TrainingInterrupted
+from .fileio import printable
+from .inference import evaluate, loss_and_accuracy, predict_logits
+from .model import Kernels, ViT, ViTConfig, check_patch_fits, default_patch_size, flops_per_image
+from .runtime import (autocast, keep_freed_memory, matmul_peak, resolve_attention, resolve_device, resolve_precision,
+                      synchronize)
 
 
 @dataclass
@@ -50,22 +49,17 @@ class RunResult:
     seconds: float
 
 
-# ------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------- pieces
 
-def default_patch_size(image_size: int) -> int:
-    return 4 if image_size >= 16 else 2
-
-
-def build_model_config(cfg: TrainConfig, data: DatasetSplits, attention: str) -> ViTConfig:
-    image_size = data.image_size
-    patch = cfg.patch_size or default_patch_size(image_size)
-    if image_size % patch:
-        raise ConfigError(f"--patch-size {patch} does not divide the image size {image_size} of {cfg.dataset}; "
-                          f"choose one of {[p for p in range(1, image_size + 1) if image_size % p == 0]} or set --image-size")
-    return ViTConfig(image_size=image_size, channels=data.channels, num_classes=len(data.classes), patch_size=patch,
-                     depth=cfg.depth, heads=cfg.heads, dim=cfg.dim, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
-                     attn_dropout=cfg.attn_dropout, drop_path=cfg.drop_path, layer_scale=cfg.layer_scale, pool=cfg.pool,
-                     patch_embed=cfg.patch_embed, lsa=cfg.lsa, attention=attention)
+def build_model_config(cfg: TrainConfig, data: DatasetSplits) -> ViTConfig:
+    """The architecture of ``cfg`` at the data's image size, channels and class count."""
+    patch = cfg.patch_size or default_patch_size(data.image_size)
+    try:
+        check_patch_fits(data.image_size, patch, f"the image size {data.image_size} of {cfg.dataset}")
+    except ConfigError as e:
+        raise ConfigError(f"{e}, or set --image-size") from None
+    return ViTConfig(**{**cfg.arch(), "patch_size": patch}, image_size=data.image_size, channels=data.channels,
+                     num_classes=len(data.classes))
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
@@ -102,18 +96,17 @@ def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, lo
 class WeightEMA:
     """An exponential moving average of a model's weights, updated after every step with
     one fused foreach lerp. The decay ramps up as min(decay, (1 + step) / (10 + step)),
-    so early averages are not dominated by the random initialisation."""
+    so early averages are not dominated by the random initialisation. The average is a
+    deep copy of the model: the same architecture and the same kernel options."""
 
     def __init__(self, model: ViT, decay: float):
         self.decay = decay
-        self.model = ViT(model.cfg).to(next(model.parameters()).device)
-        self.model.load_state_dict(model.state_dict())
-        self.model.requires_grad_(False).eval()
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
         self._ema = list(self.model.parameters())
         self._src = list(model.parameters())
 
     @torch.no_grad()
-    def update(self, model: ViT, step: int) -> None:
+    def update(self, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(self._ema, [p.detach() for p in self._src], 1.0 - d)
 
@@ -151,57 +144,6 @@ def crop_plans(augment: BatchAugment, seed: int, epoch: int, first: int, steps: 
         yield None if block is None else block[(b % per_block) * batch_size:][:batch_size]
 
 
-@torch.inference_mode()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalize: Normalize, batch_size: int,
-                   device: torch.device, amp_dtype: torch.dtype | None, tta_flip: bool = False) -> torch.Tensor:
-    """Logits (fp32, on ``device``) for a uint8 image tensor, in large eval batches;
-    with ``tta_flip``, the mean of the logits of each image and its mirror image."""
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = normalize(images[i: i + batch_size].to(device, non_blocking=True))
-        with autocast(device, amp_dtype):
-            logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(x.flip(-1)).float()) / 2
-        out.append(logits)
-    return torch.cat(out) if out else torch.empty(0, device=device)
-
-
-def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of logits against integer labels."""
-    labels = labels.to(logits.device)
-    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
-
-
-def evaluate(model: torch.nn.Module, data: ImageSet, normalize: Normalize, batch_size: int, device: torch.device,
-             amp_dtype: torch.dtype | None, tta_flip: bool = False) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on a split, without augmentation or label smoothing."""
-    return loss_and_accuracy(predict_logits(model, data.images, normalize, batch_size, device, amp_dtype, tta_flip),
-                             data.labels)
-
-
-def run_config(run_dir: Path) -> TrainConfig:
-    """The saved configuration of a run folder (what --resume continues)."""
-    if not (Path(run_dir) / "config.yaml").is_file():
-        raise CheckpointError(f"{run_dir}: not a run folder (no config.yaml); pass the folder `vitlab train` created")
-    return TrainConfig.load_yaml(Path(run_dir) / "config.yaml")
-
-
-def new_run_dir(cfg: TrainConfig, overwrite: bool) -> Path:
-    name = cfg.name or f"{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.out).expanduser() / name
-    if run_dir.exists():
-        if not overwrite:
-            raise ConfigError(f"run folder {run_dir} already exists; pass --overwrite to replace it or --name to choose another")
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create run folder {run_dir}: {e.strerror}") from None
-    return run_dir
-
-
 @contextmanager
 def stop_on_signals():
     """First SIGINT/SIGTERM sets a flag the loop checks at each step boundary; a
@@ -224,291 +166,488 @@ def stop_on_signals():
             signal.signal(s, h)
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
+def rng_state(device: torch.device) -> dict:
+    """Every global random stream, exactly (Python's Mersenne Twister with its position and
+    its cached Gaussian; NumPy's likewise), as tensors and plain numbers for state.pt."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached)}}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(int(x) for x in state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _write_metrics(path: Path, rows: list[dict]) -> None:
-    fields = report.METRIC_FIELDS + [k for k in ("val_ema_loss", "val_ema_acc") if rows and k in rows[0]]
-    lines = [",".join(fields)]
-    for r in rows:
-        lines.append(",".join(_fmt(r[k]) for k in fields))
-    atomic_write_text(path, "\n".join(lines) + "\n")
+# ------------------------------------------------------------------ the run
+
+@dataclass
+class Runtime:
+    """Where and how this process computes."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    kernels: Kernels
+
+    @classmethod
+    def setup(cls, cfg: TrainConfig) -> "Runtime":
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device)
+        amp_dtype = resolve_precision(cfg.precision, device)
+        keep_freed_memory(device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        kernels = Kernels(resolve_attention(cfg.attention, device, amp_dtype), cfg.cls_only_last_block)
+        return cls(device, amp_dtype, kernels)
+
+    def describe(self) -> str:
+        return f"{self.device.type} {'bf16' if self.amp_dtype else 'fp32'} {self.kernels.attention}"
 
 
-def _fmt(v) -> str:
-    return str(v) if isinstance(v, int) else repr(float(v))
+@dataclass
+class Run:
+    """The run folder, its configuration and, when resuming, the checkpoint to continue."""
+
+    cfg: TrainConfig
+    dir: Path | None = None  # None until the data has loaded: a bad dataset leaves no folder behind
+    lock: rundir.RunLock | None = None
+    checkpoint: Path | None = None
+
+    @classmethod
+    def open(cls, cfg: TrainConfig | None, resume: str | Path | None, log: Callable[[str], None]) -> "Run":
+        if resume is None:
+            return cls((cfg or default_config()).validate())
+        run_dir = Path(resume).expanduser()
+        lock = rundir.open_existing(run_dir)  # refuses a run another process is training
+        try:
+            saved = TrainConfig.load_yaml(run_dir / "config.yaml")
+            cfg = (cfg or saved).validate()
+            ckpt = recover(run_dir, "last")
+            recover(run_dir, "best", need_state=False)
+            rundir.remove_stale(run_dir)  # half-written metrics or plots of the killed process
+            if ckpt is None:
+                log(f"note: {printable(run_dir)} has no checkpoint yet (stopped before its first one); "
+                    f"starting it again from the beginning")
+                cfg = cfg.replace(download=False)
+            else:
+                if ckpt.name != "last":  # recover() falls back to last.prev only when last/ is missing or damaged
+                    log(f"note: {printable(run_dir / 'last')} is missing or damaged; resuming from {ckpt.name}")
+                checked = TrainConfig.load_yaml(ckpt / "config.yaml")  # covered by the manifest's checksums
+                for what, other in ((f"{run_dir / 'config.yaml'} differs from", saved), ("this config differs from", cfg)):
+                    changed = other.differences(checked)
+                    if changed:
+                        raise CheckpointError(f"{what} the checksummed copy in {ckpt.name}/ in {', '.join(changed)}; "
+                                              f"--resume continues the run as it started (start a new run to change it)")
+                # Only where and how fast it computes may change; a resumed run never downloads.
+                cfg = checked.replace(**{k: getattr(cfg, k) for k in RUNTIME_FIELDS}).replace(download=False).validate()
+        except BaseException:
+            lock.release()
+            raise
+        return cls(cfg, run_dir, lock, ckpt)
+
+    def create(self, overwrite: bool) -> None:
+        name = self.cfg.name or f"{self.cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        self.dir, self.lock = rundir.create(self.cfg, name, overwrite)
+        self.cfg.save_yaml(self.dir / "config.yaml")
+
+    def resume_command(self) -> str:
+        return f"vitlab train --resume {printable(self.dir)}"
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+@dataclass
+class Parts:
+    """What a run trains with, built once."""
+
+    model: ViT
+    step_model: torch.nn.Module  # the model as the training step calls it (compiled or not)
+    ema: WeightEMA | None
+    optimizer: torch.optim.Optimizer
+    normalize: Normalize
+    augment: BatchAugment
+    aug_gen: torch.Generator
+    train_images: torch.Tensor  # uint8, on the device
+    train_labels: torch.Tensor
+    meta: CheckpointMeta
+    config_yaml: str
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    flops_per_image: float  # the work one training image costs, as computed (class-token shortcut included)
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, data: DatasetSplits, rt: Runtime) -> "Parts":
+        model_cfg = build_model_config(cfg, data)
+        model = ViT(model_cfg, rt.kernels).to(rt.device)
+        normalize = Normalize(data.mean, data.std, rt.device)
+        n_train = len(data.train)
+        batch_size = min(cfg.batch_size, n_train)
+        steps = n_train // batch_size  # drop the ragged last batch: static shapes
+        return cls(
+            model=model,
+            step_model=torch.compile(model) if cfg.compile else model,
+            ema=WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
+            optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay),
+            normalize=normalize,
+            augment=BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip,
+                                 cfg.random_erasing, cfg.trivial_augment),
+            aug_gen=torch.Generator(device=rt.device).manual_seed(cfg.seed),
+            train_images=data.train.images.to(rt.device),
+            train_labels=data.train.labels.to(rt.device),
+            meta=CheckpointMeta(model_cfg, data.classes, data.mean, data.std, cfg.dataset, data=data.fingerprint()),
+            config_yaml=cfg.to_yaml(),
+            batch_size=batch_size,
+            steps_per_epoch=steps,
+            total_steps=steps * cfg.epochs,
+            warmup_steps=int(round(cfg.warmup_epochs * steps)),
+            flops_per_image=flops_per_image(model_cfg, training=True,
+                                            cls_only_last_block=rt.kernels.cls_only_last_block),
+        )
+
+
+STATE_SCALARS = {"epoch": int, "batch": int, "step": int, "best_val_acc": float, "elapsed": float,
+                 "lr_scale": float, "metrics_rows": int}
+
+
+@dataclass
+class TrainState:
+    """Everything that changes while a run trains: saved in ``last/state.pt`` (with the
+    optimizer, EMA, augmentation-generator and RNG states) and restored as one object."""
+
+    epoch: int = 0  # epochs completed
+    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # optimizer steps taken
+    best_val_acc: float = -1.0
+    elapsed: float = 0.0  # training seconds of earlier sessions
+    lr_scale: float = 1.0  # halved by every batch skipped for a non-finite loss
+    metrics_rows: int = 0
+    epoch_sums: torch.Tensor | None = None  # float64 (loss sum, correct, seen) of this epoch, on the device
+    rows: list[dict] = field(default_factory=list)  # metrics.csv
+    started: float = field(default_factory=time.perf_counter)  # this session's start of training
+    # The first step whose loss was NaN/Inf, tracked on the device so the hot loop needs no host sync.
+    bad_step: torch.Tensor | None = None
+
+    def seconds(self) -> float:
+        return self.elapsed + (time.perf_counter() - self.started)
+
+    def to_dict(self, parts: Parts, device: torch.device) -> dict:
+        return {**{k: getattr(self, k) for k in STATE_SCALARS}, "elapsed": self.seconds(),
+                "metrics_rows": len(self.rows), "epoch_sums": self.epoch_sums.clone(), "device_type": device.type,
+                "optimizer": parts.optimizer.state_dict(), "aug_generator": parts.aug_gen.get_state(),
+                "rng": rng_state(device), **({"ema": parts.ema.model.state_dict()} if parts.ema is not None else {})}
+
+    @classmethod
+    def restore(cls, ckpt: Path, parts: Parts, device: torch.device, rows: list[dict]) -> "TrainState":
+        """The state saved in ``ckpt`` put back into ``parts``; a damaged, foreign or
+        other-device state is a CheckpointError naming the file."""
+        path = ckpt / "state.pt"
+        d = load_state(ckpt)
+        try:
+            state = cls(**{k: kind(d[k]) for k, kind in STATE_SCALARS.items()})
+            if d["device_type"] != device.type:
+                raise CheckpointError(f"{path}: this run trained on {d['device_type']}; its random streams cannot "
+                                      f"continue on {device.type}: resume with --device {d['device_type']}")
+            if (parts.ema is not None) != ("ema" in d):
+                raise CheckpointError(f"{path}: the state {'lacks' if parts.ema else 'has'} EMA weights but the "
+                                      f"config says ema_decay {'> 0' if parts.ema else '= 0'}")
+            load_weights(ckpt, parts.model)
+            parts.optimizer.load_state_dict(d["optimizer"])
+            parts.aug_gen.set_state(d["aug_generator"])
+            if parts.ema is not None:
+                parts.ema.model.load_state_dict(d["ema"])
+            set_rng_state(d["rng"], device)
+            state.epoch_sums = d["epoch_sums"].to(device=device, dtype=torch.float64)
+            if state.epoch_sums.shape != (3,) or not 0 <= state.batch <= parts.steps_per_epoch:
+                raise ValueError("counters out of range")
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{path}: not a training state of this run ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        state.rows = rows[: state.metrics_rows]  # drop rows written after this checkpoint
+        return state
+
+
+def prepare_state(run: Run, parts: Parts, device: torch.device, log: Callable[[str], None]) -> TrainState:
+    """A fresh state, or the one in the checkpoint being resumed (metrics.csv cut back to it)."""
+    if run.checkpoint is None:
+        state = TrainState(epoch_sums=torch.zeros(3, device=device, dtype=torch.float64))
+    else:
+        state = TrainState.restore(run.checkpoint, parts, device, report.read_metrics(run.dir / "metrics.csv"))
+        report.write_metrics(run.dir / "metrics.csv", state.rows)
+        log(f"resuming {printable(run.dir)} at epoch {state.epoch + 1}, step {state.step}")
+    state.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    state.started = time.perf_counter()
+    return state
+
+
+def check_same_data(run: Run, data: DatasetSplits) -> None:
+    """When resuming: the data must be what the run started on (its fingerprint in the checkpoint)."""
+    if run.checkpoint is None:
+        return
+    saved = read_meta(run.checkpoint, verify=False).data
+    if saved is not None:
+        changed = fingerprint_changes(saved, data.fingerprint())
+        if changed:
+            raise CheckpointError(f"{printable(run.dir)}: the data is not what this run started on: "
+                                  f"{', '.join(changed)} changed; resume with the original files (--data-dir)")
+
+
+def nonfinite_error(run: Run, parts: Parts, state: TrainState, bad: int, cfg: TrainConfig) -> NonFiniteLoss:
+    last = run.dir / "last"
+    good = "none yet"
+    if (last / "model.json").is_file():
+        good = f"{printable(last)} (step {read_meta(last, verify=False).extra.get('step')})"
+    lr = state.lr_scale * lr_at(bad - 1, parts.total_steps, parts.warmup_steps, cfg.lr, cfg.min_lr)
+    return NonFiniteLoss(f"loss became NaN/Inf at step {bad} (lr {lr:.2e}); training stopped. Last good checkpoint: "
+                         f"{good}. Retry with a lower --lr, --grad-clip 1, or --on-nonfinite skip")
+
+
+def raise_if_nonfinite(run: Run, parts: Parts, state: TrainState, cfg: TrainConfig) -> None:
+    bad = int(state.bad_step)
+    if bad >= 0:
+        raise nonfinite_error(run, parts, state, bad, cfg)
+
+
+def save_last(run: Run, parts: Parts, state: TrainState, rt: Runtime) -> None:
+    raise_if_nonfinite(run, parts, state, run.cfg)  # never overwrite a good checkpoint with poisoned weights
+    parts.meta.extra = {"epoch": state.epoch, "batch": state.batch, "step": state.step}
+    save_checkpoint(run.dir / "last", parts.model, parts.meta, parts.config_yaml, state.to_dict(parts, rt.device))
+
+
+def train_epoch(run: Run, parts: Parts, state: TrainState, rt: Runtime, should_stop: Callable[[], bool],
+                progress: bool, log: Callable[[str], None], peak: float | None) -> float:
+    """Train the rest of epoch ``state.epoch`` (from batch ``state.batch``): the hot loop.
+    Returns the last learning rate. Raises TrainingInterrupted, after saving, when
+    ``should_stop`` says so before the epoch's end."""
+    cfg, device = run.cfg, rt.device
+    n_classes = parts.meta.model.num_classes
+    mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
+    steps, bs = parts.steps_per_epoch, parts.batch_size
+    order = epoch_order(len(parts.train_labels), cfg.seed, state.epoch, device, cfg.repeated_augment)
+    first = state.batch
+    if first == 0:
+        state.epoch_sums.zero_()
+    parts.model.train()
+    bar = tqdm(total=steps, initial=first, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not progress,
+               leave=False, unit="step", dynamic_ncols=True)
+    t_epoch, seen_at_start = time.perf_counter(), float(state.epoch_sums[2])
+    step_on_device = torch.full((), state.step, dtype=torch.long, device=device)
+    plans = crop_plans(parts.augment, cfg.seed, state.epoch, first, steps, bs, parts.train_images.shape[2:], device)
+    lr = cfg.lr
+    for b, plan in zip(range(first, steps), plans):
+        lr = state.lr_scale * lr_at(state.step, parts.total_steps, parts.warmup_steps, cfg.lr, cfg.min_lr)
+        for group in parts.optimizer.param_groups:
+            group["lr"] = lr
+        idx = order[b * bs: (b + 1) * bs]
+        # index_select, not images[idx]: 6 us instead of 105 us for a CIFAR batch on CPU
+        x = parts.augment(parts.train_images.index_select(0, idx), parts.aug_gen, plan)
+        y = parts.train_labels.index_select(0, idx)
+        target = y
+        if mixing:  # soft targets; accuracy below still counts the dominant label
+            x, target = mix_batch(x, y, n_classes, cfg.mixup_alpha, cfg.cutmix_alpha, parts.aug_gen)
+        loss, logits = loss_and_logits(parts.step_model, x, target, device, rt.amp_dtype, cfg.label_smoothing)
+        parts.optimizer.zero_grad(set_to_none=True)
+        state.batch = b + 1
+        if cfg.on_nonfinite == "skip" and not torch.isfinite(loss):  # host sync, only with this option
+            state.lr_scale *= 0.5
+            log(f"step {state.step + 1}: loss is {loss.item()}; skipped the batch, learning rate now x{state.lr_scale:g}")
+            continue
+        step_on_device += 1
+        state.bad_step = torch.where((state.bad_step < 0) & ~torch.isfinite(loss.detach()), step_on_device,
+                                     state.bad_step)
+        apply_gradients(parts.model, parts.optimizer, loss, cfg.grad_clip)
+        state.step += 1
+        if parts.ema is not None:
+            parts.ema.update(state.step)
+        with torch.no_grad():
+            state.epoch_sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                             torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
+        if (b + 1) % cfg.log_every == 0 or b + 1 == steps:
+            raise_if_nonfinite(run, parts, state, cfg)
+            loss_sum, correct, seen = state.epoch_sums.tolist()  # with the line above, the only host syncs here
+            rate = (seen - seen_at_start) / max(1e-9, time.perf_counter() - t_epoch)
+            mfu = f" MFU {100 * rate * parts.flops_per_image / peak:.0f}%" if peak else ""
+            bar.set_postfix_str(f"loss {loss_sum / max(seen, 1):.4f} acc {correct / max(seen, 1):.4f} "
+                                f"{rate:,.0f} img/s{mfu}")
+            bar.update((b + 1) - bar.n)
+        if b + 1 < steps:
+            if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                save_last(run, parts, state, rt)
+            if should_stop():  # at an epoch's end, the caller stops after the epoch's checkpoint
+                save_last(run, parts, state, rt)
+                bar.close()
+                raise TrainingInterrupted(f"stopped at epoch {state.epoch + 1}, step {state.step}; "
+                                          f"continue with: {run.resume_command()}")
+    bar.close()
+    synchronize(device)
+    raise_if_nonfinite(run, parts, state, cfg)
+    return lr
+
+
+def end_epoch(run: Run, parts: Parts, state: TrainState, data: DatasetSplits, rt: Runtime, lr: float,
+              epoch_seconds: float, log: Callable[[str], None]) -> None:
+    """Validate the raw (and EMA) weights, keep the better as best/ if it beats the run's
+    best, checkpoint last/, append the epoch's row to metrics.csv and log it."""
+    cfg = run.cfg
+    loss_sum, correct, seen = state.epoch_sums.tolist()
+    if seen == 0:  # every batch skipped for a non-finite loss: nothing was trained
+        raise NonFiniteLoss(f"every batch of epoch {state.epoch + 1} had a non-finite loss and was skipped; "
+                            f"training stopped. Last good checkpoint: {printable(run.dir / 'last')}. "
+                            f"Retry with a lower --lr")
+    # Per-epoch validation sees each image once; flip averaging (``tta_flip``) would double
+    # its cost every epoch and is kept for the final table, computed from the chosen checkpoint.
+    val_loss, val_acc = evaluate(parts.model, data.val, parts.normalize, cfg.eval_batch_size, rt.device, rt.amp_dtype)
+    state.epoch += 1
+    state.batch = 0
+    row = {"epoch": state.epoch, "step": state.step, "lr": lr, "train_loss": loss_sum / seen,
+           "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
+    candidates = {"raw": (val_acc, parts.model)}
+    if parts.ema is not None:
+        row["val_ema_loss"], row["val_ema_acc"] = evaluate(parts.ema.model, data.val, parts.normalize,
+                                                           cfg.eval_batch_size, rt.device, rt.amp_dtype)
+        candidates["ema"] = (row["val_ema_acc"], parts.ema.model)
+    state.rows.append(row)
+    report.write_metrics(run.dir / "metrics.csv", state.rows)
+    kind, (epoch_best, best_model) = max(candidates.items(), key=lambda kv: kv[1][0])
+    improved = epoch_best > state.best_val_acc
+    if improved:  # the best weights of the run, raw or averaged
+        state.best_val_acc = epoch_best
+        parts.meta.extra = {"epoch": state.epoch, "step": state.step, "val_acc": epoch_best, "weights": kind}
+        save_checkpoint(run.dir / "best", best_model, parts.meta, parts.config_yaml)
+    save_last(run, parts, state, rt)
+    ema_text = f" | ema val acc {row['val_ema_acc']:.4f}" if parts.ema is not None else ""
+    log(f"epoch {state.epoch:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+        f" | val loss {val_loss:.4f} acc {val_acc:.4f}{ema_text}{' *' if improved else ''}"
+        f" | {epoch_seconds:.1f}s {seen / max(epoch_seconds, 1e-9):,.0f} img/s")
 
 
 # --------------------------------------------------------------------- train
 
 def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, overwrite: bool = False,
           progress: bool = True, log: Callable[[str], None] | None = None, data: DatasetSplits | None = None,
-          _stop_after_steps: int | None = None) -> RunResult:
-    """Train a ViT as ``cfg`` says (or continue the run folder ``resume``) and write its report.
+          stop_when: Callable[[TrainState], bool] | None = None) -> RunResult:
+    """Train a ViT as ``cfg`` says (default: the embedded digits preset), or continue the
+    run folder ``resume``, and write its report.
 
-    With ``resume``, ``cfg`` defaults to the run's saved config. ``data`` trains on
-    already-loaded splits instead of loading ``cfg.dataset`` (benchmarks, notebooks).
-
-    ``_stop_after_steps`` simulates an interruption after that many optimizer
-    steps (tests use it to check that resuming is exact).
+    With ``resume``, ``cfg`` defaults to the run's saved config (a caller may pass it back
+    with runtime fields changed: device, threads). ``data`` trains on already-loaded
+    splits instead of loading ``cfg.dataset`` (benchmarks, notebooks). ``stop_when`` is
+    asked after every optimizer step; when it returns True the run stops as it does on
+    Ctrl-C: checkpoint saved, TrainingInterrupted raised with the command that resumes.
     """
     log = log or (lambda s: tqdm.write(s))
-    wall_start = time.perf_counter()
+    session_start = time.perf_counter()
+    run = Run.open(cfg, resume, log)
+    try:
+        cfg = run.cfg
+        rt = Runtime.setup(cfg)
+        data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size,
+                                                          image_size=cfg.image_size, download=cfg.download,
+                                                          coarse_labels=cfg.coarse_labels, warn=log)
+        check_same_data(run, data)
+        if run.dir is None:
+            run.create(overwrite)
+        parts = Parts.build(cfg, data, rt)
+        state = prepare_state(run, parts, rt.device, log)
+        peak = matmul_peak(rt.device, rt.amp_dtype, reps=5) if progress else None
+        log(f"vitlab: {cfg.dataset} {len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test images "
+            f"{data.channels}x{data.image_size}x{data.image_size}, {len(data.classes)} classes | "
+            f"ViT {parts.model.num_params() / 1e6:.2f}M params, {parts.meta.model.num_patches} patches, "
+            f"{parts.flops_per_image / 1e9:.3f} GFLOP/img/step | {rt.describe()} | {printable(run.dir)}")
+        if cfg.compile and rt.device.type == "cpu" and rt.amp_dtype is not None:
+            log("warning: --compile with bf16 on CPU trained to 3-10 points lower accuracy than eager in our "
+                "measurements (tests/test_speed_paths.py) for a 3-5% speed-up; consider --precision fp32 or no --compile")
+        with stop_on_signals() as signalled:
+            def should_stop() -> bool:
+                return signalled.is_set() or (stop_when is not None and stop_when(state))
 
-    # ---- configuration and run folder
-    state = None
-    if resume is not None:
-        run_dir = Path(resume).expanduser()
-        # The run's own config; a caller may pass it back with runtime fields changed (device, threads).
-        cfg = (cfg or run_config(run_dir)).validate()
-        ckpt_dir = recover(run_dir, "last")
-        recover(run_dir, "best", need_state=False)
-        for stale in run_dir.glob(".*.tmp"):  # half-written metrics or plots of the killed process
-            stale.unlink(missing_ok=True)
-        if ckpt_dir is None:
-            raise CheckpointError(f"{run_dir}: no intact checkpoint to resume from")
-        if ckpt_dir.name != "last":  # recover() falls back to last.prev only when last/ is missing or damaged
-            log(f"note: {run_dir / 'last'} is missing or damaged; resuming from {ckpt_dir.name}")
-        state = load_state(ckpt_dir)
-    else:
-        cfg = (cfg or TrainConfig()).validate()
-        run_dir = None  # created once the data has loaded, so a bad dataset leaves nothing behind
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    amp_dtype = resolve_precision(cfg.precision, device)
-    attention = resolve_attention(cfg.attention, device, amp_dtype)
-    keep_freed_memory(device)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-
-    # ---- data, resident on the device as uint8
-    if data is None:
-        data = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, image_size=cfg.image_size,
-                            download=cfg.download, coarse_labels=cfg.coarse_labels, warn=log)
-    model_cfg = build_model_config(cfg, data, attention)
-    if run_dir is None:
-        run_dir = new_run_dir(cfg, overwrite)
-        cfg.save_yaml(run_dir / "config.yaml")
-    train_images = data.train.images.to(device)
-    train_labels = data.train.labels.to(device)
-    normalize = Normalize(data.mean, data.std, device)
-    augment = BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip,
-                           cfg.random_erasing, cfg.trivial_augment)
-    mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
-
-    # ---- model and optimizer
-    model = ViT(model_cfg).to(device)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
-    model.cls_only_last_block = cfg.cls_only_last_block
-    step_model = torch.compile(model) if cfg.compile else model
-    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if cfg.compile and device.type == "cpu" and amp_dtype is not None:
-        log("warning: --compile with bf16 on CPU trained to 3-10 points lower accuracy than eager in our "
-            "measurements (tests/test_speed_paths.py) for a 3-5% speed-up; consider --precision fp32 or no --compile")
-
-    n_train = len(data.train)
-    batch_size = min(cfg.batch_size, n_train)
-    steps_per_epoch = n_train // batch_size  # drop the ragged last batch: static shapes
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-    aug_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-
-    meta = CheckpointMeta(model_cfg, data.classes, data.mean, data.std, cfg.dataset)
-    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    metrics_path = run_dir / "metrics.csv"
-    rows: list[dict] = report.read_metrics(metrics_path) if state is not None else []
-    for r in rows:
-        r["epoch"], r["step"] = int(r["epoch"]), int(r["step"])
-    start_epoch, start_batch, step, best_acc, elapsed, lr_scale = 0, 0, 0, -1.0, 0.0, 1.0
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, seen (this epoch)
-    if state is not None:
-        load_weights(ckpt_dir, model)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_batch, step = int(state["epoch"]), int(state["batch"]), int(state["step"])
-        best_acc, elapsed = float(state["best_val_acc"]), float(state["elapsed"])
-        lr_scale = float(state.get("lr_scale", 1.0))
-        sums = state["epoch_sums"].to(device)
-        aug_gen.set_state(state["aug_generator"])
-        if ema is not None:
-            ema.model.load_state_dict(state["ema"])
-        _set_rng_state(state["rng"], device)
-        rows = rows[: int(state["metrics_rows"])]  # drop rows written after this checkpoint
-        _write_metrics(metrics_path, rows)
-        log(f"resuming {run_dir} at epoch {start_epoch + 1}, step {step}")
-
-    def training_state(epoch: int, batch: int) -> dict:
-        return {"epoch": epoch, "batch": batch, "step": step, "optimizer": optimizer.state_dict(),
-                "aug_generator": aug_gen.get_state(), "rng": _rng_state(device), "epoch_sums": sums.clone(),
-                "best_val_acc": best_acc, "metrics_rows": len(rows), "elapsed": elapsed + (time.perf_counter() - t0),
-                "lr_scale": lr_scale, **({"ema": ema.model.state_dict()} if ema is not None else {})}
-
-    # The first step whose loss was NaN/Inf, tracked on the device so that the
-    # hot loop needs no host sync; read at log intervals and before every save.
-    bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    step_on_device = torch.full((), step, dtype=torch.long, device=device)
-
-    def raise_if_nonfinite() -> None:
-        bad = int(bad_step)
-        if bad < 0:
-            return
-        last = run_dir / "last"
-        good = f"{last} (step {read_meta(last, verify=False).extra.get('step')})" if (last / "model.json").is_file() else "none yet"
-        raise NonFiniteLoss(f"loss became NaN/Inf at step {bad} (lr {lr_scale * lr_at(bad - 1, total_steps, warmup_steps, cfg.lr, cfg.min_lr):.2e}); "
-                            f"training stopped. Last good checkpoint: {good}. Retry with a lower --lr, "
-                            f"--grad-clip 1, or --on-nonfinite skip")
-
-    def save_last(epoch: int, batch: int) -> None:
-        raise_if_nonfinite()  # never overwrite a good checkpoint with poisoned weights
-        meta.extra = {"epoch": epoch, "batch": batch, "step": step}
-        save_checkpoint(run_dir / "last", model, meta, config_yaml, training_state(epoch, batch))
-
-    flops = flops_per_image(model_cfg)
-    log(f"vitlab: {cfg.dataset} {n_train}/{len(data.val)}/{len(data.test)} train/val/test images "
-        f"{data.channels}x{data.image_size}x{data.image_size}, {len(data.classes)} classes | "
-        f"ViT {model.num_params() / 1e6:.2f}M params, {model_cfg.num_patches} patches, "
-        f"{flops / 1e9:.3f} GFLOP/img/step | {device.type} {'bf16' if amp_dtype else 'fp32'} {attention} | {run_dir}")
-
-    t0 = time.perf_counter()
-    with stop_on_signals() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            order = epoch_order(n_train, cfg.seed, epoch, device, cfg.repeated_augment)
-            first = start_batch if epoch == start_epoch else 0
-            if first == 0:
-                sums.zero_()
-            bar = tqdm(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       disable=not progress, leave=False, unit="step", dynamic_ncols=True)
-            t_epoch, seen_at_start = time.perf_counter(), first * batch_size
-            plans = crop_plans(augment, cfg.seed, epoch, first, steps_per_epoch, batch_size,
-                               train_images.shape[2:], device)
-            for b, plan in zip(range(first, steps_per_epoch), plans):
-                lr = lr_scale * lr_at(step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                idx = order[b * batch_size: (b + 1) * batch_size]
-                # index_select, not images[idx]: 6 us instead of 105 us for a CIFAR batch on CPU
-                x = augment(train_images.index_select(0, idx), aug_gen, plan)
-                y = train_labels.index_select(0, idx)
-                target = y
-                if mixing:  # soft targets; accuracy below still counts the dominant label
-                    x, target = mix_batch(x, y, len(data.classes), cfg.mixup_alpha, cfg.cutmix_alpha, aug_gen)
-                loss, logits = loss_and_logits(step_model, x, target, device, amp_dtype, cfg.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.on_nonfinite == "skip" and not torch.isfinite(loss):  # host sync, only with this option
-                    lr_scale *= 0.5
-                    log(f"step {step + 1}: loss is {loss.item()}; skipped the batch, learning rate now x{lr_scale:g}")
-                    continue
-                step_on_device += 1
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss.detach()), step_on_device, bad_step)
-                apply_gradients(model, optimizer, loss, cfg.grad_clip)
-                step += 1
-                if ema is not None:
-                    ema.update(model, step)
-                with torch.no_grad():
-                    sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                         torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
-                if (b + 1) % cfg.log_every == 0 or b + 1 == steps_per_epoch:
-                    raise_if_nonfinite()
-                    loss_sum, correct, seen = sums.tolist()  # with the line above, the only host syncs in the loop
-                    rate = (seen - seen_at_start) / max(1e-9, time.perf_counter() - t_epoch)
-                    bar.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f} {rate:,.0f} img/s")
-                    bar.update((b + 1) - bar.n)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and b + 1 < steps_per_epoch:
-                    save_last(epoch, b + 1)
-                stopping = stop.is_set() or (_stop_after_steps is not None and step >= _stop_after_steps)
-                if stopping and b + 1 < steps_per_epoch:  # at an epoch's end, stop after its checkpoint below
-                    save_last(epoch, b + 1)
-                    bar.close()
-                    raise TrainingInterrupted(f"stopped at epoch {epoch + 1}, step {step}; "
-                                              f"continue with: vitlab train --resume {run_dir}")
-            bar.close()
-            synchronize(device)
-            epoch_seconds = time.perf_counter() - t_epoch
-            raise_if_nonfinite()
-            loss_sum, correct, seen = sums.tolist()
-            # Per-epoch validation sees each image once; flip averaging (``tta_flip``) would double
-            # its cost every epoch and is kept for the final table, computed from the chosen checkpoint.
-            val_loss, val_acc = evaluate(model, data.val, normalize, cfg.eval_batch_size, device, amp_dtype)
-            row = {"epoch": epoch + 1, "step": step, "lr": lr, "train_loss": loss_sum / seen,
-                   "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
-            candidates = {"raw": (val_acc, model)}
-            if ema is not None:
-                row["val_ema_loss"], row["val_ema_acc"] = evaluate(ema.model, data.val, normalize, cfg.eval_batch_size,
-                                                                   device, amp_dtype)
-                candidates["ema"] = (row["val_ema_acc"], ema.model)
-            rows.append(row)
-            _write_metrics(metrics_path, rows)
-            kind, (epoch_best, best_model) = max(candidates.items(), key=lambda kv: kv[1][0])
-            improved = epoch_best > best_acc
-            if improved:  # the best weights of the run, raw or averaged
-                best_acc = epoch_best
-                meta.extra = {"epoch": epoch + 1, "step": step, "val_acc": epoch_best, "weights": kind}
-                save_checkpoint(run_dir / "best", best_model, meta, config_yaml)
-            save_last(epoch + 1, 0)
-            ema_text = f" | ema val acc {row['val_ema_acc']:.4f}" if ema is not None else ""
-            log(f"epoch {epoch + 1:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
-                f" | val loss {val_loss:.4f} acc {val_acc:.4f}{ema_text}{' *' if improved else ''}"
-                f" | {epoch_seconds:.1f}s {(seen - seen_at_start) / epoch_seconds:,.0f} img/s")
-            if stop.is_set() or (_stop_after_steps is not None and step >= _stop_after_steps):
-                if epoch + 1 < cfg.epochs:
-                    raise TrainingInterrupted(f"stopped after epoch {epoch + 1}, step {step}; "
-                                              f"continue with: vitlab train --resume {run_dir}")
-
-    train_seconds = elapsed + (time.perf_counter() - t0)
-    return finish_run(run_dir, cfg, data, model, normalize, device, amp_dtype, rows, train_seconds,
-                      time.perf_counter() - wall_start, log)
+            while state.epoch < cfg.epochs:
+                t_epoch = time.perf_counter()
+                lr = train_epoch(run, parts, state, rt, should_stop, progress, log, peak)
+                end_epoch(run, parts, state, data, rt, lr, time.perf_counter() - t_epoch, log)
+                if should_stop() and state.epoch < cfg.epochs:
+                    raise TrainingInterrupted(f"stopped after epoch {state.epoch}, step {state.step}; "
+                                              f"continue with: {run.resume_command()}")
+        return finish_run(run, parts, data, rt, state, time.perf_counter() - session_start, log)
+    finally:
+        run.close()
 
 
-def finish_run(run_dir: Path, cfg: TrainConfig, data: DatasetSplits, model: ViT, normalize: Normalize,
-               device: torch.device, amp_dtype: torch.dtype | None, rows: list[dict], train_seconds: float,
-               session_seconds: float, log: Callable[[str], None]) -> RunResult:
-    """Evaluate the best checkpoint on every split and write results.md and the plots."""
-    load_weights(run_dir / "best", model)
+def final_checkpoint(run: Run, log: Callable[[str], None]) -> Path:
+    """best/, verified; last/ (with a note) when best/ is missing or damaged."""
+    for name in ("best", "last"):
+        folder = run.dir / name
+        try:
+            meta = read_meta(folder)
+            check_weights_header(folder, meta.model)
+        except CheckpointError as e:
+            if name == "best":
+                log(f"note: {e}; the report uses {printable(run.dir / 'last')} instead")
+            continue
+        return folder
+    raise CheckpointError(f"{printable(run.dir)}: neither best/ nor last/ is intact; nothing to report")
+
+
+def finish_run(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state: TrainState, session_seconds: float,
+               log: Callable[[str], None]) -> RunResult:
+    """Evaluate the best checkpoint on every split and write results.md and the plots;
+    then remove the crash-safety copies (best.prev/, last.prev/)."""
+    cfg, model = run.cfg, parts.model
+    chosen = final_checkpoint(run, log)
+    load_weights(chosen, model)
     model.eval()
+    ev = dict(normalize=parts.normalize, batch_size=cfg.eval_batch_size, device=rt.device, amp_dtype=rt.amp_dtype,
+              tta_flip=cfg.tta_flip)
     # Test logits are computed once: for the table and for the predictions grid below.
-    test_logits = predict_logits(model, data.test.images, normalize, cfg.eval_batch_size, device, amp_dtype,
-                                 cfg.tta_flip).cpu()
+    test_logits = predict_logits(model, data.test.images, **ev).cpu()
     test = loss_and_accuracy(test_logits, data.test.labels)
     results = {
-        "Train": evaluate(model, data.train, normalize, cfg.eval_batch_size, device, amp_dtype, cfg.tta_flip),
-        "Val": test if data.val_is_test else evaluate(model, data.val, normalize, cfg.eval_batch_size, device,
-                                                      amp_dtype, cfg.tta_flip),
+        "Train": evaluate(model, data.train, **ev),
+        "Val": test if data.val_is_test else evaluate(model, data.val, **ev),
         "Test": test,
     }
-    best_epoch = read_meta(run_dir / "best", verify=False).extra.get("epoch", 0)  # raw or EMA weights, whichever won
+    extra = read_meta(chosen, verify=False).extra  # raw or EMA weights, whichever won
+    train_seconds = state.seconds()
     title = f"{cfg.dataset}: ViT {cfg.depth}x{cfg.dim}, patch {model.cfg.patch_size}"
-    report.write_results(run_dir / "results.md", title, results, {
-        "epochs": f"{len(rows)} (best val accuracy at epoch {best_epoch}; the table uses that checkpoint)",
-        "training time": f"{train_seconds:.1f} s" + (f" (this session {session_seconds:.1f} s)" if session_seconds < train_seconds else ""),
+    report.write_results(run.dir / "results.md", title, results, {
+        "epochs": f"{len(state.rows)} (best val accuracy at epoch {extra.get('epoch', 0)}, "
+                  f"{extra.get('weights', 'raw')} weights; the table uses {chosen.name}/)",
+        "training time": f"{train_seconds:.1f} s" + (f" (this session {session_seconds:.1f} s)"
+                                                      if session_seconds < train_seconds else ""),
         "validation": "the test set" if data.val_is_test else f"{len(data.val)} images held out of train (fixed seed)",
         "model": f"{model.num_params():,} parameters, {model.cfg.num_patches} patches of {model.cfg.patch_size}x{model.cfg.patch_size}",
-        "device": f"{device.type}, {'bf16 autocast' if amp_dtype else 'fp32'}, attention {model.cfg.attention}",
+        "device": f"{rt.device.type}, {'bf16 autocast' if rt.amp_dtype else 'fp32'}, attention {rt.kernels.attention}",
+        "code": report.code_version(),
         "config": "config.yaml",
     })
-    if rows:
-        report.plot_curves(rows, run_dir / "loss_curve.png", title)
+    if state.rows:
+        report.plot_curves(state.rows, run.dir / "loss_curve.png", title)
     # The grid: the first test images, then the first mistakes among the rest (up to 8).
     probs, preds = test_logits.softmax(1).max(1)
     first = torch.arange(min(24, len(data.test)))
     wrong = (preds != data.test.labels).nonzero().flatten()
     show = torch.cat([first, wrong[wrong >= len(first)][:32 - len(first)]])
     report.plot_predictions(data.test.images[show], data.test.labels[show], preds[show], probs[show],
-                            data.classes, run_dir / "predictions.png", title)
-    log("\n" + report.results_table(results) + f"\n\nresults in {run_dir}")
-    return RunResult(run_dir, results, len(rows), train_seconds)
+                            data.classes, run.dir / "predictions.png", title)
+    rundir.tidy(run.dir)
+    log("\n" + report.results_table(results) + f"\n\nresults in {printable(run.dir)}")
+    return RunResult(run.dir, results, len(state.rows), train_seconds)

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from vitlab import TrainConfig, load_checkpoint
 from vitlab import checkpoint as vckpt
 from vitlab.cli import cli
+from vitlab.config import default_config
 from vitlab.data import RemoteFile, download_file
 from vitlab.errors import DataError
 from vitlab.train import NonFiniteLoss, train
@@ -73,7 +74,8 @@ def test_read_only_output(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------- NaN
 
-def _poison_loss_at(monkeypatch, bad_call: int) -> None:
+def _poison_loss_at(monkeypatch, bad_call: int | None) -> None:
+    """The training loss becomes NaN at call ``bad_call`` (None: at every call)."""
     import vitlab.train as vtrain
 
     real = vtrain.F.cross_entropy
@@ -83,7 +85,7 @@ def _poison_loss_at(monkeypatch, bad_call: int) -> None:
         loss = real(logits, y, **kw)
         if kw.get("label_smoothing") is not None:  # training calls only
             calls["n"] += 1
-            if calls["n"] == bad_call:
+            if bad_call is None or calls["n"] == bad_call:
                 return loss * float("nan")
         return loss
 
@@ -92,7 +94,7 @@ def _poison_loss_at(monkeypatch, bad_call: int) -> None:
 
 def test_nan_loss_stops_and_names_the_step(tmp_path, monkeypatch):
     _poison_loss_at(monkeypatch, 30)  # epoch 2 of 22-step epochs
-    cfg = TrainConfig().replace(out=str(tmp_path), name="r", epochs=3, depth=1, dim=32, heads=2, mlp_dim=32,
+    cfg = default_config().replace(out=str(tmp_path), name="r", epochs=3, depth=1, dim=32, heads=2, mlp_dim=32,
                                 checkpoint_every=4, log_every=50)
     with pytest.raises(NonFiniteLoss, match=r"at step 30 .*Last good checkpoint: .*last \(step 28\)"):
         train(cfg, progress=False, log=lambda s: None)
@@ -103,7 +105,7 @@ def test_nan_loss_stops_and_names_the_step(tmp_path, monkeypatch):
 def test_nan_loss_can_be_skipped(tmp_path, monkeypatch):
     _poison_loss_at(monkeypatch, 5)
     messages = []
-    cfg = TrainConfig().replace(out=str(tmp_path), name="r", epochs=2, depth=1, dim=32, heads=2, mlp_dim=32,
+    cfg = default_config().replace(out=str(tmp_path), name="r", epochs=2, depth=1, dim=32, heads=2, mlp_dim=32,
                                 on_nonfinite="skip")
     result = train(cfg, progress=False, log=messages.append)
     assert sum("skipped the batch, learning rate now x0.5" in m for m in messages) == 1
@@ -113,6 +115,17 @@ def test_nan_loss_can_be_skipped(tmp_path, monkeypatch):
     assert all(float(v) == float(v) for r in rows for v in r)  # no NaN anywhere
     model, _ = load_checkpoint(result.run_dir / "last")
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_epoch_with_every_batch_skipped_stops_clearly(tmp_path, monkeypatch):
+    """Every loss non-finite under --on-nonfinite skip: nothing was trained, so the run stops
+    with one line (it used to divide by zero writing the epoch's row)."""
+    _poison_loss_at(monkeypatch, None)
+    cfg = default_config().replace(out=str(tmp_path), name="r", epochs=2, depth=1, dim=32, heads=2, mlp_dim=32,
+                                   on_nonfinite="skip")
+    with pytest.raises(NonFiniteLoss, match="every batch of epoch 1 had a non-finite loss and was skipped"):
+        train(cfg, progress=False, log=lambda s: None)
+    assert not (tmp_path / "r" / "metrics.csv").exists()
 
 
 # ----------------------------------------------------------------- download
@@ -147,15 +160,17 @@ def server():
 
 
 MD5 = hashlib.md5(_FlakyHandler.body).hexdigest()
+SIZE = len(_FlakyHandler.body)
 
 
 @pytest.mark.parametrize("path, message", [("/wrong", "checksum mismatch"), ("/truncated", "could not download")])
 def test_bad_downloads_are_refused(tmp_path, server, path, message):
     with pytest.raises(DataError, match=message):
-        download_file(RemoteFile("f.bin", MD5, (server + path,)), tmp_path, attempts=2, timeout=5)
+        download_file(RemoteFile("f.bin", MD5, (server + path,), SIZE), tmp_path, attempts=2, timeout=5)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_falls_back_to_a_good_mirror(tmp_path, server):
-    got = download_file(RemoteFile("f.bin", MD5, (server + "/truncated", server + "/wrong", server + "/good")), tmp_path)
+    got = download_file(RemoteFile("f.bin", MD5, (server + "/truncated", server + "/wrong", server + "/good"), SIZE),
+                        tmp_path)
     assert got.read_bytes() == _FlakyHandler.body and [p.name for p in tmp_path.iterdir()] == ["f.bin"]

@@ -9,11 +9,12 @@ import pickle
 import tarfile
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vitlab.config import TrainConfig
-from vitlab.data import _cifar_batch, _safe_extract, read_idx
+from vitlab.data import _cifar_batch, extract_members, read_idx
 from vitlab.errors import ConfigError, DataError
 
 from ..datafiles import idx_bytes
@@ -109,9 +110,10 @@ def test_tar_extraction_on_random_bytes(tmp_path_factory, raw):
     archive = base / "a.tar.gz"
     archive.write_bytes(raw)
     try:
-        _safe_extract(archive, base / "out")
+        extract_members(archive, base, "cifar-10-batches-py", ("data_batch_1",))
     except DataError as e:
         assert "a.tar.gz" in str(e)
+    assert sorted(p.name for p in base.iterdir()) == ["a.tar.gz", "cifar-10-batches-py"]
 
 
 def test_tar_with_path_traversal_is_refused(tmp_path):
@@ -121,8 +123,7 @@ def test_tar_with_path_traversal_is_refused(tmp_path):
         info.size = 3
         tar.addfile(info, io.BytesIO(b"bad"))
     (tmp_path / "a.tar.gz").write_bytes(buf.getvalue())
-    try:
-        _safe_extract(tmp_path / "a.tar.gz", tmp_path / "out")
-    except DataError:
-        pass
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DataError, match="does not contain"):
+        extract_members(tmp_path / "a.tar.gz", tmp_path / "out", "cifar-10-batches-py", ("data_batch_1",))
     assert not (tmp_path / "escaped.txt").exists()

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from vitlab import TrainConfig, load_checkpoint
 from vitlab.checkpoint import load_state, read_meta, sha256_file
 from vitlab.cli import cli
+from vitlab.config import default_config
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.train import train
 
@@ -29,7 +30,7 @@ class Payload:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs")
-    cfg = TrainConfig().replace(out=str(out), name="r", epochs=2, depth=1, dim=32, heads=2, mlp_dim=32)
+    cfg = default_config().replace(out=str(out), name="r", epochs=2, depth=1, dim=32, heads=2, mlp_dim=32)
     return train(cfg, progress=False, log=lambda s: None).run_dir
 
 

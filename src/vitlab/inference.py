@@ -1,0 +1,99 @@
+"""Inference: the one path from uint8 images to logits, used by training's validation,
+``vitlab evaluate``, ``vitlab predict``, explanations and export checks.
+
+Images stay uint8 until their eval batch is on the device; each batch is normalised
+there, run under the autocast the device computes natively, and returned as fp32
+logits. Flip averaging (``tta_flip``) is the mean of the logits of each image and
+its mirror image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .augment import Normalize
+from .checkpoint import CheckpointMeta, check_weights_header, load_weights, read_meta
+from .config import DEFAULT_EVAL_BATCH
+from .model import Kernels, ViT
+from .runtime import autocast, keep_freed_memory, resolve_attention, resolve_device, resolve_precision
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalize: Normalize, batch_size: int,
+                   device: torch.device, amp_dtype: torch.dtype | None, tta_flip: bool = False) -> torch.Tensor:
+    """Logits (fp32, on ``device``) for a uint8 image tensor, in eval batches; with
+    ``tta_flip``, the mean of the logits of each image and its mirror image."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = normalize(images[i: i + batch_size].to(device, non_blocking=True))
+        with autocast(device, amp_dtype):
+            logits = model(x).float()
+            if tta_flip:
+                logits = (logits + model(x.flip(-1)).float()) / 2
+        out.append(logits)
+    return torch.cat(out) if out else torch.empty(0, device=device)
+
+
+def loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(sum of cross-entropy, correct predictions, count) as one float64 tensor: the form
+    that adds up across shards (distributed evaluation reduces exactly these)."""
+    labels = labels.to(logits.device)
+    return torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                        (logits.argmax(1) == labels).sum().double(),
+                        torch.tensor(float(len(labels)), dtype=torch.float64, device=logits.device)])
+
+
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of logits against integer labels."""
+    return from_sums(loss_sums(logits, labels))
+
+
+def from_sums(sums: torch.Tensor) -> tuple[float, float]:
+    loss, correct, count = sums.tolist()
+    return loss / max(count, 1.0), correct / max(count, 1.0)
+
+
+def evaluate(model: torch.nn.Module, data, normalize: Normalize, batch_size: int, device: torch.device,
+             amp_dtype: torch.dtype | None, tta_flip: bool = False) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on a split (``data.images``, ``data.labels``), without
+    augmentation or label smoothing."""
+    return loss_and_accuracy(predict_logits(model, data.images, normalize, batch_size, device, amp_dtype, tta_flip),
+                             data.labels)
+
+
+@dataclass
+class Predictor:
+    """A checkpoint ready to run: model, normalisation, device and precision."""
+
+    meta: CheckpointMeta
+    model: ViT
+    normalize: Normalize
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta.classes
+
+    def logits(self, images: torch.Tensor, batch_size: int = DEFAULT_EVAL_BATCH, tta_flip: bool = False) -> torch.Tensor:
+        """fp32 logits (on the CPU) of uint8 images (N, C, H, W) at the model's size."""
+        return predict_logits(self.model, images, self.normalize, batch_size, self.device, self.amp_dtype,
+                              tta_flip).cpu()
+
+
+def load_predictor(checkpoint: Path, device: str = "auto", precision: str = "auto") -> Predictor:
+    """A verified checkpoint on ``device``, computing with the fastest kernel there."""
+    checkpoint = Path(checkpoint)
+    meta = read_meta(checkpoint)
+    check_weights_header(checkpoint, meta.model)
+    dev = resolve_device(device)
+    keep_freed_memory(dev)
+    amp = resolve_precision(precision, dev)
+    model = ViT(meta.model, Kernels(attention=resolve_attention("auto", dev, amp)))
+    load_weights(checkpoint, model)
+    return Predictor(meta, model.to(dev).eval(), Normalize(meta.mean, meta.std, dev), dev, amp)
