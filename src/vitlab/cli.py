@@ -99,6 +99,7 @@ def cli() -> None:
     vitlab train --dataset mnist --epochs 5 --depth 6 --dim 128
     vitlab evaluate runs/<run>/best
     vitlab predict runs/<run>/best cat.png ship.jpg
+    vitlab explain runs/<run>/best cat.png
     vitlab presets
     """
 
@@ -108,9 +109,12 @@ def cli() -> None:
 @click.option("--resume", type=click.Path(file_okay=False, path_type=Path), help="continue the run in this folder from its last checkpoint")
 @click.option("--overwrite", is_flag=True, help="replace an existing run folder of the same --name")
 @click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--nproc", type=click.IntRange(min=1), help="train data-parallel in N processes on this machine (vitlab "
+              "starts torchrun's launcher; --batch-size stays the global batch)")
 @_config_options
 @friendly_errors
-def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool, **overrides: Any) -> None:
+def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool, nproc: int | None,
+          **overrides: Any) -> None:
     """Train a ViT; with no options, the embedded digits preset.
 
     A preset plus any field overrides describes the run; the run folder
@@ -121,6 +125,20 @@ def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
     from .train import train as run_training
 
     given = {k: v for k, v in overrides.items() if v is not None}
+    if nproc is not None and nproc > 1:
+        from .distributed import launch
+
+        # the same command, without --nproc, in each process
+        args = ["train", *(["--preset", preset] if preset else []), *(["--resume", str(resume)] if resume else []),
+                *(["--overwrite"] if overwrite else []), *(["--quiet"] if quiet else [])]
+        for key, value in given.items():
+            if isinstance(value, bool):
+                args.append(flag(key) if value else "--no-" + flag(key)[2:])
+            elif isinstance(value, tuple):
+                args += [flag(key), *map(str, value)]
+            else:
+                args += [flag(key), str(value)]
+        launch(nproc, args)
     if resume is not None:
         extra = [flag(e) for e in sorted(set(given) - set(RESUME_MAY_CHANGE))] + (["--preset"] if preset else [])
         if extra:
@@ -146,11 +164,11 @@ def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, devi
 
     The data is read from where the run trained (its config.yaml) or from --data-dir;
     vitlab downloads a missing dataset only into a --data-dir you name, with --download."""
-    from .predict import evaluate_checkpoint
-    from .report import results_table
+    from .predict import evaluation
+    from .report import per_class_table, results_table
 
-    results = evaluate_checkpoint(checkpoint, data_dir=data_dir, download=download, device=device, batch_size=batch_size)
-    click.echo(results_table(results))
+    ev = evaluation(checkpoint, data_dir=data_dir, download=download, device=device, batch_size=batch_size)
+    click.echo(results_table(ev.results) + "\n\nPer-class accuracy (test):\n\n" + per_class_table(ev.confusion, ev.classes))
 
 
 @cli.command()
@@ -172,6 +190,102 @@ def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str)
             click.echo(f"{printable(path)}: " + ", ".join(f"{name} {p:.3f}" for name, p in outcome))
     if failures:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--method", type=click.Choice(["gradient", "rollout", "attention"]), default="gradient", show_default=True,
+              help="gradient: gradient-weighted attention (Chefer et al. 2021); rollout: attention rollout "
+                   "(Abnar & Zuidema 2020); attention: the last layer's class-token attention")
+@click.option("--head-fusion", type=click.Choice(["mean", "max", "min"]), default="mean", show_default=True,
+              help="rollout: how each layer's heads are combined")
+@click.option("--discard-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="rollout: share of the lowest attention weights zeroed in each layer")
+@click.option("--target", help="the class to explain, by name or index (default: the predicted one)")
+@click.option("--per-head", is_flag=True, help="also one map per head of the last layer")
+@click.option("--per-layer", is_flag=True, help="also the rollout after each layer")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), help="explain images of the run's own dataset")
+@click.option("--count", type=int, default=32, show_default=True, help="with --split: how many of its first images")
+@click.option("--data-dir", help="with --split: where the dataset is (default: as in the run's config)")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("explanations"),
+              show_default=True, help="folder the PNGs are written to")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
+@friendly_errors
+def explain(checkpoint: Path, images: tuple[Path, ...], method: str, head_fusion: str, discard_ratio: float,
+            target: str | None, per_head: bool, per_layer: bool, split: str | None, count: int, data_dir: str | None,
+            out: Path, device: str) -> None:
+    """Show where the model looks: a heatmap per image, with its faithfulness score.
+
+    \b
+    vitlab explain runs/<run>/best cat.png ship.jpg            # one PNG per image in ./explanations
+    vitlab explain runs/<run>/best --split test --count 32     # correct and mistaken, as two grids
+    """
+    from .explanations import explain_files, explain_split, parse_target
+    from .inference import load_predictor
+
+    if bool(images) == bool(split):
+        raise VitlabError("give image files or --split, not both (and not neither)")
+    predictor = load_predictor(checkpoint, device)
+    options = dict(head_fusion=head_fusion, discard_ratio=discard_ratio, target=parse_target(target, predictor.classes),
+                   per_head=per_head, per_layer=per_layer)
+    if split:
+        from .inference import checkpoint_data
+
+        _, data = checkpoint_data(checkpoint, predictor.meta, data_dir)
+        subset = {"train": data.train, "val": data.val, "test": data.test}[split]
+        del options["per_head"], options["per_layer"]
+        for key, path in explain_split(predictor, subset.images, subset.labels, out, split, count, method, **options).items():
+            click.echo(f"{key}: {printable(path)}")
+        return
+    failures = 0
+    for path, outcome in explain_files(predictor, images, out, method, **options):
+        if isinstance(outcome, str):
+            failures += 1
+            click.secho(f"{printable(path)}: error: {outcome}", fg="red", err=True)
+        else:
+            click.echo(f"{printable(path)}: {printable(outcome)}")
+    if failures:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["onnx", "timm", "hf"]), required=True,
+              help="onnx: one .onnx file (uint8 images in, normalisation inside); timm: a folder timm.create_model "
+                   "loads ('local-dir:PATH'); hf: a folder transformers' from_pretrained and pipeline load")
+@click.option("--out", type=click.Path(path_type=Path), help="where to write (default: beside the checkpoint: best.onnx, best-timm/, best-hf/)")
+@click.option("--float-input", is_flag=True, help="onnx: take already-normalised float32 images instead of uint8")
+@click.option("--data-dir", help="where the run's dataset is, for the parity check (default: as in its config)")
+@friendly_errors
+def export(checkpoint: Path, fmt: str, out: Path | None, float_input: bool, data_dir: str | None) -> None:
+    """Export a checkpoint and check the export against vitlab on test images.
+
+    The export's logits are compared with vitlab's in fp32; it is kept only when every
+    top-1 prediction agrees and the largest difference is within the format's tolerance.
+    """
+    from .export import default_out, export as run_export
+
+    report = run_export(checkpoint, fmt, out, float_input=float_input, data_dir=data_dir,
+                        log=lambda s: click.echo(s, err=True))
+    where = out or default_out(checkpoint, fmt)
+    click.echo(f"{printable(where)}: {report['format']} export checked on {report['source']}: top-1 agreement "
+               f"{report['top1_agreement']:.4f}, max |logit difference| {report['max_abs_logit_diff']:.2e} "
+               f"(tolerance {report['tolerance']:.0e})")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("comparison"), show_default=True,
+              help="folder for comparison.md and comparison.png")
+@friendly_errors
+def compare(runs: tuple[str, ...], out: Path) -> None:
+    """Runs side by side: the config fields that differ, results, epochs, time, speed, and
+    their validation curves in one figure. Globs work: vitlab compare 'runs/*'."""
+    from .compare import compare as run_compare
+
+    text, md, png = run_compare(list(runs), out, warn=lambda s: click.echo(s, err=True))
+    click.echo(text + f"\n\nsaved: {printable(md)}, {printable(png)}")
 
 
 @cli.command()
@@ -201,6 +315,9 @@ def flags() -> None:
 
 
 def main() -> None:
+    from .budget import start_at_process_start
+
+    start_at_process_start()  # a --time-budget counts from here: the process start, imports included
     cli(prog_name="vitlab")
 
 

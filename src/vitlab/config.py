@@ -26,7 +26,7 @@ DEFAULT_PRESET = "digits"  # what `vitlab train` with no options runs
 MAX_CONFIG_BYTES = 1 << 20
 # Fields that say where and how fast a run computes, not what it computes: --resume may
 # change them, and they may differ between a run's config and its checkpoint's copy.
-RUNTIME_FIELDS = ("device", "threads", "log_every", "eval_batch_size", "data_dir", "download")
+RUNTIME_FIELDS = ("device", "threads", "log_every", "eval_batch_size", "data_dir", "download", "tensorboard")
 DEFAULT_EVAL_BATCH = 256  # on the 2-core CPU, 256 ran 25-40% faster than 1024 (benchmarks/RESULTS.md)
 
 
@@ -75,6 +75,8 @@ class TrainConfig(ArchConfig):
     name: str | None = option(None, "run folder name (default: <dataset>-<timestamp>)")
     checkpoint_every: int = option(0, "also save the last checkpoint every N optimizer steps (0: at epoch ends only)")
     log_every: int = option(20, "steps between progress-bar updates of loss and accuracy (each one a host sync)")
+    tensorboard: bool = option(True, "write TensorBoard event files to <run>/tb/ (when the tensorboard package is installed)")
+    time_budget: str | None = option(None, "train the best model that fits this wall-clock budget (90s, 30m, 2h): vitlab measures its speed here and sets the epochs and schedule so that the run, final evaluation and report included, ends within it")
 
     def __post_init__(self) -> None:
         for name in ("crop_scale", "crop_ratio"):
@@ -127,6 +129,10 @@ class TrainConfig(ArchConfig):
         need(self.on_nonfinite in ("stop", "skip"), f"--on-nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         need(0 <= self.threads <= 4096, f"--threads must be from 0 to 4096, got {self.threads}")
         need(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.time_budget is not None:
+            from .budget import parse_duration
+
+            parse_duration(self.time_budget)
         need(self.name is None or (self.name and "/" not in self.name and "\0" not in self.name
                                    and self.name not in (".", "..")),
              f"--name must be a plain folder name, got {self.name!r}")
@@ -150,8 +156,10 @@ class TrainConfig(ArchConfig):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
-    def save_yaml(self, path: Path) -> None:
-        atomic_write_text(path, self.to_yaml())
+    def save_yaml(self, path: Path, note: str | None = None) -> None:
+        """``note``: comment lines written above the fields (how a field's value was decided)."""
+        head = "".join(f"# {line}\n" for line in note.splitlines()) if note else ""
+        atomic_write_text(path, head + self.to_yaml())
 
     @classmethod
     def load_yaml(cls, path: Path) -> "TrainConfig":

@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 # What users have; none of these plugins starts a program.
 FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
@@ -62,3 +63,9 @@ def failure_reason(error: Exception) -> str:
     if isinstance(error, ImageRefused):
         return str(error)
     return f"cannot read as an image ({type(error).__name__})"
+
+
+def load_image(path: Path, channels: int, size: int) -> torch.Tensor:
+    """An image file as a uint8 (C, size, size) tensor, converted to the model's mode and size."""
+    arr = read_image(Path(path), "L" if channels == 1 else "RGB", size)
+    return torch.from_numpy(arr.reshape(size, size, channels).transpose(2, 0, 1).copy())

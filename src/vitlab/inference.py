@@ -16,8 +16,11 @@ import torch
 import torch.nn.functional as F
 
 from .augment import Normalize
-from .checkpoint import CheckpointMeta, check_weights_header, load_weights, read_meta
-from .config import DEFAULT_EVAL_BATCH
+from .checkpoint import CONFIG, CheckpointMeta, check_weights_header, load_weights, read_meta
+from .config import DEFAULT_EVAL_BATCH, TrainConfig
+from .data import DatasetSplits, load_dataset
+from .errors import CheckpointError, DataError
+from .fileio import printable
 from .model import Kernels, ViT
 from .runtime import autocast, keep_freed_memory, resolve_attention, resolve_device, resolve_precision
 
@@ -97,3 +100,26 @@ def load_predictor(checkpoint: Path, device: str = "auto", precision: str = "aut
     model = ViT(meta.model, Kernels(attention=resolve_attention("auto", dev, amp)))
     load_weights(checkpoint, model)
     return Predictor(meta, model.to(dev).eval(), Normalize(meta.mean, meta.std, dev), dev, amp)
+
+
+def checkpoint_data(checkpoint: Path, meta: CheckpointMeta, data_dir: str | None = None,
+                    download: bool | None = None) -> tuple[TrainConfig, DatasetSplits]:
+    """The splits the checkpoint's run trained on. The data folder named in the checkpoint's
+    config is only read: it is never created or downloaded into unless the user names it
+    (``data_dir``); downloading needs ``download`` and a named ``data_dir``."""
+    cfg = TrainConfig.load_yaml(Path(checkpoint) / CONFIG)
+    if download and data_dir is None:
+        raise DataError("--download needs --data-dir: vitlab downloads only into a folder you name, "
+                        "never into one written in a checkpoint")
+    folder = data_dir or cfg.data_dir
+    if data_dir is None and cfg.dataset != "digits" and not Path(folder).expanduser().is_dir():
+        raise DataError(f"the data folder of this checkpoint's run, {printable(folder)}, does not exist here; "
+                        f"pass --data-dir")
+    data = load_dataset(cfg.dataset, folder, val_size=cfg.val_size, image_size=cfg.image_size,
+                        download=bool(download) and data_dir is not None, coarse_labels=cfg.coarse_labels)
+    m = meta.model
+    if len(data.classes) != m.num_classes or data.image_size != m.image_size or data.channels != m.channels:
+        raise CheckpointError(
+            f"{checkpoint}: trained for {m.num_classes} classes of {m.channels}x{m.image_size}px "
+            f"images, but {cfg.dataset} has {len(data.classes)} classes of {data.channels}x{data.image_size}px")
+    return cfg, data

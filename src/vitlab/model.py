@@ -98,6 +98,9 @@ class ViTConfig(ArchConfig):
     image_size: int = 32
     channels: int = 3
     num_classes: int = 10
+    # LayerNorm epsilon: 1e-6 as in the original JAX ViT and timm (vitlab 0.1 used torch's 1e-5;
+    # its checkpoints load with that value, so they compute what they computed).
+    norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         if self.patch_size is None and isinstance(self.image_size, int):
@@ -112,6 +115,8 @@ class ViTConfig(ArchConfig):
                 raise ConfigError(f"{name.replace('_', ' ')} must be an integer from {lo} to {hi:,}, got {v!r}"
                                   + (" (a classifier needs at least 2 classes)" if name == "num_classes" else ""))
         check_patch_fits(self.image_size, self.patch_size, f"image size {self.image_size}")
+        if not (isinstance(self.norm_eps, float) and 0 < self.norm_eps <= 1e-2):
+            raise ConfigError(f"norm eps must be a number in (0, 0.01], got {self.norm_eps!r}")
 
     @property
     def num_patches(self) -> int:
@@ -136,7 +141,10 @@ class ViTConfig(ArchConfig):
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "model config") -> "ViTConfig":
-        # "attention" was saved by vitlab 0.1 checkpoints; the kernel is no longer part of the architecture.
+        # vitlab 0.1 checkpoints saved the attention kernel (no longer part of the architecture)
+        # and no LayerNorm epsilon (theirs was torch's default, 1e-5).
+        if isinstance(d, dict) and "norm_eps" not in d:
+            d = {**d, "norm_eps": 1e-5}
         return from_mapping(cls, d, source, ignore=("attention",))
 
 
@@ -208,7 +216,7 @@ class PatchEmbed(nn.Module):
         elif self.kind == "linear":
             self.proj = nn.Linear(patch_dim, cfg.dim)
         elif self.kind == "spt":
-            self.norm = nn.LayerNorm(5 * patch_dim)
+            self.norm = nn.LayerNorm(5 * patch_dim, eps=cfg.norm_eps)
             self.proj = nn.Linear(5 * patch_dim, cfg.dim)
         elif self.kind == "conv-stem":
             self.stem = nn.Sequential(nn.Conv2d(cfg.channels, cfg.dim // 2, 3, padding=1), nn.GELU())
@@ -360,9 +368,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ViTConfig, kernels: Kernels, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = Attention(cfg, kernels)
-        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.mlp = Mlp(cfg)
         self.ls1 = LayerScale(cfg.dim, cfg.layer_scale) if cfg.layer_scale > 0 else nn.Identity()
         self.ls2 = LayerScale(cfg.dim, cfg.layer_scale) if cfg.layer_scale > 0 else nn.Identity()
@@ -395,7 +403,7 @@ class ViT(nn.Module):
         self.pos_drop = nn.Dropout(cfg.dropout)
         rates = [cfg.drop_path * i / max(1, cfg.depth - 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList([Block(cfg, self.kernels, rate) for rate in rates])
-        self.norm = nn.LayerNorm(cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         self.reset_parameters()
 

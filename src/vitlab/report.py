@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .fileio import atomic_write_bytes, atomic_write_text
@@ -86,10 +87,40 @@ def results_table(results: dict[str, tuple[float, float]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: Path, title: str, results: dict[str, tuple[float, float]], facts: dict[str, str]) -> None:
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(true class, predicted class) counts, int64 (num_classes, num_classes)."""
+    return torch.bincount(labels.long() * num_classes + preds.long(), minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def per_class_table(confusion: torch.Tensor, classes: Sequence[str]) -> str:
+    """Markdown: accuracy (recall) of each class with its count and most frequent confusion;
+    with more than 20 classes, the worst first."""
+    n = confusion.sum(1)
+    acc = confusion.diag().double() / n.clamp_min(1)
+    order = list(range(len(classes))) if len(classes) <= 20 else acc.argsort().tolist()
+    lines = ["| class | test images | accuracy | most often taken for |", "|---|---|---|---|"]
+    for c in order:
+        off = confusion[c].clone()
+        off[c] = -1
+        other = int(off.argmax())
+        mistaken = f"{classes[other]} ({int(confusion[c, other])})" if int(confusion[c, other]) > 0 else "–"
+        lines.append(f"| {classes[c]} | {int(n[c])} | {float(acc[c]):.4f} | {mistaken} |")
+    return "\n".join(lines)
+
+
+def write_results(path: Path, title: str, results: dict[str, tuple[float, float]], facts: dict[str, str],
+                  sections: dict[str, str] | None = None) -> None:
     body = [f"# {title}", "", results_table(results), ""]
     body += [f"- **{k}**: {v}" for k, v in facts.items()]
+    for heading, text in (sections or {}).items():
+        body += ["", f"## {heading}", "", text]
     atomic_write_text(path, "\n".join(body) + "\n")
+
+
+def write_json(path: Path, data: dict) -> None:
+    import json
+
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 # -------------------------------------------------------------------- figures
@@ -170,6 +201,36 @@ def plot_predictions(images: torch.Tensor, labels: torch.Tensor, preds: torch.Te
         if not right:
             mark_mistake(ax)
     fig.suptitle(title + "   (red: mistakes)", fontsize=9)
+    save_png(fig, path)
+
+
+def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix (each true class's share of predictions), classes
+    sorted by accuracy, best first; names on the axes where they fit, a log colour scale so
+    that rare confusions stay visible at 100 classes."""
+    from matplotlib.colors import LogNorm
+
+    n = len(classes)
+    rows = confusion.double() / confusion.sum(1, keepdim=True).clamp_min(1)
+    order = (-rows.diag()).argsort()
+    shown = rows[order][:, order].numpy()
+    size = min(16.0, 3.0 + 0.12 * n)
+    fig = new_figure(size + 1.5, size)
+    ax = fig.subplots()
+    floor = 1.0 / max(1.0, float(confusion.sum(1).max()))
+    im = ax.imshow(np.clip(shown, floor, 1.0), cmap="viridis", norm=LogNorm(vmin=floor, vmax=1.0), interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class's test images")
+    names = [short(classes[int(i)], 16) for i in order]
+    if n <= 50:
+        ax.set_xticks(range(n), names, rotation=90, fontsize=max(4, 9 - n // 10))
+        ax.set_yticks(range(n), names, fontsize=max(4, 9 - n // 10))
+    else:
+        step = max(1, n // 50)
+        ax.set_xticks(range(0, n, step), names[::step], rotation=90, fontsize=4)
+        ax.set_yticks(range(0, n, step), names[::step], fontsize=4)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (sorted by accuracy, best first)")
+    ax.set_title(f"{title}: confusion on the test set ({int(confusion.sum()):,} images)", fontsize=9)
     save_png(fig, path)
 
 

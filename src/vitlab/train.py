@@ -11,6 +11,7 @@ weights, checkpoint, log), and ``finish_run`` (the report).
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import signal
@@ -27,16 +28,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import report, rundir
+from . import errors, report, rundir
 from .augment import BatchAugment, Normalize, mix_batch
+from . import budget as budgets
+from .budget import Plan, format_duration, parse_duration
 from .checkpoint import (CheckpointMeta, check_weights_header, load_state, load_weights, read_meta, recover,
                          save_checkpoint)
 from .config import RUNTIME_FIELDS, TrainConfig, default_config
 from .data import DatasetSplits, fingerprint_changes, load_dataset
-from .errors import CheckpointError, ConfigError, NonFiniteLoss, TrainingInterrupted
+from .distributed import Dist, from_env, start, threads_per_rank
+from .distributed import stop as stop_distributed
+from .errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, TrainingInterrupted, VitlabError
 from .fileio import printable
-from .inference import evaluate, loss_and_accuracy, predict_logits
+from .explanations import explain_images, plot_grid
+from .inference import Predictor, loss_and_accuracy, predict_logits
 from .model import Kernels, ViT, ViTConfig, check_patch_fits, default_patch_size, flops_per_image
+from .tblog import Board
 from .runtime import (autocast, keep_freed_memory, matmul_peak, resolve_attention, resolve_device, resolve_precision,
                       synchronize)
 
@@ -195,27 +202,80 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 @dataclass
 class Runtime:
-    """Where and how this process computes."""
+    """Where and how this process computes; with ``dist``, its place in a torchrun job."""
 
     device: torch.device
     amp_dtype: torch.dtype | None
     kernels: Kernels
+    dist: Dist | None = None
 
     @classmethod
     def setup(cls, cfg: TrainConfig) -> "Runtime":
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        device = resolve_device(cfg.device)
+        d = from_env()
+        if d is not None:
+            if cfg.batch_size % d.world:
+                raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the "
+                                  f"{d.world} processes; choose a multiple of {d.world}")
+            torch.set_num_threads(threads_per_rank(cfg.threads, d))
+            device = start(d, cfg.device)
+        else:
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            device = resolve_device(cfg.device)
         amp_dtype = resolve_precision(cfg.precision, device)
         keep_freed_memory(device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         kernels = Kernels(resolve_attention(cfg.attention, device, amp_dtype), cfg.cls_only_last_block)
-        return cls(device, amp_dtype, kernels)
+        return cls(device, amp_dtype, kernels, d)
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes (the only one, or rank 0)."""
+        return self.dist is None or self.dist.main
+
+    def on_main(self, fn: Callable[[], object]):
+        """``fn()`` run by the writing process only; its result, or its error, on every rank."""
+        if self.dist is None:
+            return fn()
+        result, error = None, None
+        if self.dist.main:
+            try:
+                result = fn()
+            except (VitlabError, OSError) as e:
+                error = (type(e).__name__, str(e) if isinstance(e, VitlabError) else f"{e.strerror or e}")
+                self.dist.broadcast((None, error))
+                raise
+        result, error = self.dist.broadcast((result, error))
+        if error is not None:
+            raise getattr(errors, error[0], VitlabError)(error[1]) if hasattr(errors, error[0]) else VitlabError(error[1])
+        return result
+
+    def agree(self, flag: bool) -> bool:
+        """True on every rank when it is True on any (one process: the flag itself)."""
+        return flag if self.dist is None else self.dist.any(flag, self.device)
+
+    def global_sums(self, local: torch.Tensor) -> torch.Tensor:
+        return local if self.dist is None else self.dist.all_sum(local)
+
+    def logits(self, model: torch.nn.Module, images: torch.Tensor, normalize: Normalize, batch_size: int,
+               tta_flip: bool = False) -> torch.Tensor:
+        """Logits of every image (on the CPU); with several processes, each computes a shard."""
+        if self.dist is None:
+            return predict_logits(model, images, normalize, batch_size, self.device, self.amp_dtype, tta_flip).cpu()
+        n, w = len(images), self.dist.world
+        part = images[n * self.dist.rank // w: n * (self.dist.rank + 1) // w]
+        mine = predict_logits(model, part, normalize, batch_size, self.device, self.amp_dtype, tta_flip).cpu()
+        return torch.cat(self.dist.gather(mine))
+
+    def evaluate(self, model: torch.nn.Module, split, normalize: Normalize, batch_size: int,
+                 tta_flip: bool = False) -> tuple[float, float]:
+        return loss_and_accuracy(self.logits(model, split.images, normalize, batch_size, tta_flip), split.labels)
 
     def describe(self) -> str:
-        return f"{self.device.type} {'bf16' if self.amp_dtype else 'fp32'} {self.kernels.attention}"
+        where = f" x {self.dist.world} processes" if self.dist else ""
+        return f"{self.device.type}{where} {'bf16' if self.amp_dtype else 'fp32'} {self.kernels.attention}"
 
 
 @dataclass
@@ -226,16 +286,25 @@ class Run:
     dir: Path | None = None  # None until the data has loaded: a bad dataset leaves no folder behind
     lock: rundir.RunLock | None = None
     checkpoint: Path | None = None
+    board: Board | None = None  # TensorBoard (rank 0)
+    plan: Plan | None = None  # the --time-budget decision
+    clock_origin: float = 0.0  # the time.perf_counter() a --time-budget counts from
+
+    @staticmethod
+    def initial_config(cfg: TrainConfig | None, resume: str | Path | None) -> TrainConfig:
+        """The configuration the runtime is set up with (a resumed run's own, read-only)."""
+        if resume is None:
+            return (cfg or default_config()).validate()
+        return (cfg or TrainConfig.load_yaml(Path(resume).expanduser() / "config.yaml")).validate()
 
     @classmethod
-    def open(cls, cfg: TrainConfig | None, resume: str | Path | None, log: Callable[[str], None]) -> "Run":
+    def open(cls, cfg: TrainConfig, resume: str | Path | None, log: Callable[[str], None]) -> "Run":
         if resume is None:
-            return cls((cfg or default_config()).validate())
+            return cls(cfg)
         run_dir = Path(resume).expanduser()
         lock = rundir.open_existing(run_dir)  # refuses a run another process is training
         try:
             saved = TrainConfig.load_yaml(run_dir / "config.yaml")
-            cfg = (cfg or saved).validate()
             ckpt = recover(run_dir, "last")
             recover(run_dir, "best", need_state=False)
             rundir.remove_stale(run_dir)  # half-written metrics or plots of the killed process
@@ -262,12 +331,14 @@ class Run:
     def create(self, overwrite: bool) -> None:
         name = self.cfg.name or f"{self.cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         self.dir, self.lock = rundir.create(self.cfg, name, overwrite)
-        self.cfg.save_yaml(self.dir / "config.yaml")
+        self.cfg.save_yaml(self.dir / "config.yaml", note=self.plan.describe() if self.plan else None)
 
     def resume_command(self) -> str:
         return f"vitlab train --resume {printable(self.dir)}"
 
     def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -277,7 +348,7 @@ class Parts:
     """What a run trains with, built once."""
 
     model: ViT
-    step_model: torch.nn.Module  # the model as the training step calls it (compiled or not)
+    step_model: torch.nn.Module  # the model as the training step calls it (compiled, DDP-wrapped, or itself)
     ema: WeightEMA | None
     optimizer: torch.optim.Optimizer
     normalize: Normalize
@@ -299,11 +370,17 @@ class Parts:
         model = ViT(model_cfg, rt.kernels).to(rt.device)
         normalize = Normalize(data.mean, data.std, rt.device)
         n_train = len(data.train)
-        batch_size = min(cfg.batch_size, n_train)
+        world = rt.dist.world if rt.dist else 1
+        batch_size = min(cfg.batch_size, n_train // world * world)
         steps = n_train // batch_size  # drop the ragged last batch: static shapes
+        step_model = torch.compile(model) if cfg.compile else model
+        if rt.dist is not None:
+            from torch.nn.parallel import DistributedDataParallel
+
+            step_model = DistributedDataParallel(step_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
         return cls(
             model=model,
-            step_model=torch.compile(model) if cfg.compile else model,
+            step_model=step_model,
             ema=WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
             optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay),
             normalize=normalize,
@@ -323,6 +400,13 @@ class Parts:
         )
 
 
+    def reschedule(self, cfg: TrainConfig) -> None:
+        """A new epoch count (a --time-budget decision): the schedule and the saved config follow."""
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        self.warmup_steps = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.config_yaml = cfg.to_yaml()
+
+
 STATE_SCALARS = {"epoch": int, "batch": int, "step": int, "best_val_acc": float, "elapsed": float,
                  "lr_scale": float, "metrics_rows": int}
 
@@ -330,7 +414,9 @@ STATE_SCALARS = {"epoch": int, "batch": int, "step": int, "best_val_acc": float,
 @dataclass
 class TrainState:
     """Everything that changes while a run trains: saved in ``last/state.pt`` (with the
-    optimizer, EMA, augmentation-generator and RNG states) and restored as one object."""
+    optimizer, EMA, augmentation-generator and RNG states) and restored as one object. It is
+    the same whatever the number of processes: counters count global batches, the epoch's
+    sums are summed over the ranks before they are saved."""
 
     epoch: int = 0  # epochs completed
     batch: int = 0  # batches done in the current epoch
@@ -339,7 +425,7 @@ class TrainState:
     elapsed: float = 0.0  # training seconds of earlier sessions
     lr_scale: float = 1.0  # halved by every batch skipped for a non-finite loss
     metrics_rows: int = 0
-    epoch_sums: torch.Tensor | None = None  # float64 (loss sum, correct, seen) of this epoch, on the device
+    epoch_sums: torch.Tensor | None = None  # float64 (loss sum, correct, seen) of this epoch, this rank's, on the device
     rows: list[dict] = field(default_factory=list)  # metrics.csv
     started: float = field(default_factory=time.perf_counter)  # this session's start of training
     # The first step whose loss was NaN/Inf, tracked on the device so the hot loop needs no host sync.
@@ -348,18 +434,18 @@ class TrainState:
     def seconds(self) -> float:
         return self.elapsed + (time.perf_counter() - self.started)
 
-    def to_dict(self, parts: Parts, device: torch.device) -> dict:
+    def to_dict(self, parts: Parts, rt: Runtime) -> dict:
         return {**{k: getattr(self, k) for k in STATE_SCALARS}, "elapsed": self.seconds(),
-                "metrics_rows": len(self.rows), "epoch_sums": self.epoch_sums.clone(), "device_type": device.type,
-                "optimizer": parts.optimizer.state_dict(), "aug_generator": parts.aug_gen.get_state(),
-                "rng": rng_state(device), **({"ema": parts.ema.model.state_dict()} if parts.ema is not None else {})}
+                "metrics_rows": len(self.rows), "epoch_sums": rt.global_sums(self.epoch_sums).cpu(),
+                "device_type": rt.device.type, "optimizer": parts.optimizer.state_dict(),
+                "aug_generator": parts.aug_gen.get_state(), "rng": rng_state(rt.device),
+                **({"ema": parts.ema.model.state_dict()} if parts.ema is not None else {})}
 
     @classmethod
-    def restore(cls, ckpt: Path, parts: Parts, device: torch.device, rows: list[dict]) -> "TrainState":
-        """The state saved in ``ckpt`` put back into ``parts``; a damaged, foreign or
-        other-device state is a CheckpointError naming the file."""
-        path = ckpt / "state.pt"
-        d = load_state(ckpt)
+    def restore(cls, path: Path, d: dict, weights: dict, parts: Parts, rt: Runtime, rows: list[dict]) -> "TrainState":
+        """The state ``d`` (read from ``path``) and ``weights`` put back into ``parts``; a foreign
+        or other-device state is a CheckpointError naming the file."""
+        device = rt.device
         try:
             state = cls(**{k: kind(d[k]) for k, kind in STATE_SCALARS.items()})
             if d["device_type"] != device.type:
@@ -368,13 +454,14 @@ class TrainState:
             if (parts.ema is not None) != ("ema" in d):
                 raise CheckpointError(f"{path}: the state {'lacks' if parts.ema else 'has'} EMA weights but the "
                                       f"config says ema_decay {'> 0' if parts.ema else '= 0'}")
-            load_weights(ckpt, parts.model)
+            parts.model.load_state_dict(weights)
             parts.optimizer.load_state_dict(d["optimizer"])
             parts.aug_gen.set_state(d["aug_generator"])
             if parts.ema is not None:
                 parts.ema.model.load_state_dict(d["ema"])
             set_rng_state(d["rng"], device)
-            state.epoch_sums = d["epoch_sums"].to(device=device, dtype=torch.float64)
+            sums = d["epoch_sums"].to(device=device, dtype=torch.float64)
+            state.epoch_sums = sums if rt.main else torch.zeros_like(sums)  # the saved sums are all ranks'
             if state.epoch_sums.shape != (3,) or not 0 <= state.batch <= parts.steps_per_epoch:
                 raise ValueError("counters out of range")
         except CheckpointError:
@@ -386,26 +473,76 @@ class TrainState:
         return state
 
 
-def prepare_state(run: Run, parts: Parts, device: torch.device, log: Callable[[str], None]) -> TrainState:
-    """A fresh state, or the one in the checkpoint being resumed (metrics.csv cut back to it)."""
+def prepare_state(run: Run, parts: Parts, rt: Runtime, log: Callable[[str], None]) -> TrainState:
+    """A fresh state, or the one in the checkpoint being resumed (metrics.csv cut back to it).
+    The writing process reads the checkpoint and hands it to the others."""
     if run.checkpoint is None:
-        state = TrainState(epoch_sums=torch.zeros(3, device=device, dtype=torch.float64))
+        state = TrainState(epoch_sums=torch.zeros(3, device=rt.device, dtype=torch.float64))
     else:
-        state = TrainState.restore(run.checkpoint, parts, device, report.read_metrics(run.dir / "metrics.csv"))
-        report.write_metrics(run.dir / "metrics.csv", state.rows)
+        def read() -> tuple:
+            load_weights(run.checkpoint, parts.model)  # checks the header first
+            weights = {k: v.cpu() for k, v in parts.model.state_dict().items()}
+            return load_state(run.checkpoint), weights, report.read_metrics(run.dir / "metrics.csv")
+
+        d, weights, rows = rt.on_main(read)
+        state = TrainState.restore(run.checkpoint / "state.pt", d, weights, parts, rt, rows)
+        if rt.main:
+            report.write_metrics(run.dir / "metrics.csv", state.rows)
         log(f"resuming {printable(run.dir)} at epoch {state.epoch + 1}, step {state.step}")
-    state.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    state.bad_step = torch.full((), -1, dtype=torch.long, device=rt.device)
     state.started = time.perf_counter()
     return state
 
 
-def check_same_data(run: Run, data: DatasetSplits) -> None:
-    """When resuming: the data must be what the run started on (its fingerprint in the checkpoint)."""
+def calibrate(cfg: TrainConfig, parts: Parts, data: DatasetSplits, rt: Runtime, steps: int = 8) -> tuple[float, float]:
+    """(seconds per training step, seconds per evaluated image) measured on copies of the
+    model and optimizer, with the random streams put back: the run itself is untouched."""
+    model = copy.deepcopy(parts.model).train()
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    optimizer.load_state_dict(parts.optimizer.state_dict())
+    rng = torch.get_rng_state()
+    bs = parts.batch_size // (rt.dist.world if rt.dist else 1)
+    gen = torch.Generator(device=rt.device).manual_seed(12345)
+    idx = torch.arange(bs, device=rt.device) % len(parts.train_labels)
+    times = []
+    for i in range(steps + 2):
+        t = time.perf_counter()
+        x = parts.augment(parts.train_images.index_select(0, idx), gen)
+        y = parts.train_labels.index_select(0, idx)
+        loss, _ = loss_and_logits(model, x, y, rt.device, rt.amp_dtype, cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        apply_gradients(model, optimizer, loss, cfg.grad_clip)
+        synchronize(rt.device)
+        times.append(time.perf_counter() - t)
+    images = data.val.images[: max(2 * cfg.eval_batch_size, 256)]
+    predict_logits(model, images[: cfg.eval_batch_size], parts.normalize, cfg.eval_batch_size, rt.device, rt.amp_dtype)
+    t = time.perf_counter()
+    predict_logits(model, images, parts.normalize, cfg.eval_batch_size, rt.device, rt.amp_dtype)
+    eval_per_image = (time.perf_counter() - t) / max(1, len(images))
+    torch.set_rng_state(rng)
+    return sorted(times[2:])[len(times[2:]) // 2], eval_per_image
+
+
+def plan_budget(cfg: TrainConfig, parts: Parts, data: DatasetSplits, rt: Runtime, since: float) -> Plan:
+    step_s, eval_s = calibrate(cfg, parts, data, rt)
+    return budgets.plan(parse_duration(cfg.time_budget), step_s, eval_s, parts.steps_per_epoch, len(data.val),
+                len(data.train) + len(data.test) + (0 if data.val_is_test else len(data.val)),
+                val_passes=2 if cfg.ema_decay > 0 else 1, final_passes=2 if cfg.tta_flip else 1, max_epochs=100_000,
+                since=since)
+
+
+def check_same_data(run: Run, data: DatasetSplits, rt: Runtime) -> None:
+    """Every rank has the same data, and when resuming it is what the run started on (its
+    fingerprint in the checkpoint)."""
+    mine = data.fingerprint()
+    if rt.dist is not None and len({json.dumps(f, sort_keys=True) for f in rt.dist.gather(mine)}) > 1:
+        raise DataError(f"rank {rt.dist.rank}: the processes of this job see different data under "
+                        f"{printable(run.cfg.data_dir)}; every machine needs the same dataset files")
     if run.checkpoint is None:
         return
-    saved = read_meta(run.checkpoint, verify=False).data
+    saved = rt.on_main(lambda: read_meta(run.checkpoint, verify=False).data)
     if saved is not None:
-        changed = fingerprint_changes(saved, data.fingerprint())
+        changed = fingerprint_changes(saved, mine)
         if changed:
             raise CheckpointError(f"{printable(run.dir)}: the data is not what this run started on: "
                                   f"{', '.join(changed)} changed; resume with the original files (--data-dir)")
@@ -421,27 +558,48 @@ def nonfinite_error(run: Run, parts: Parts, state: TrainState, bad: int, cfg: Tr
                          f"{good}. Retry with a lower --lr, --grad-clip 1, or --on-nonfinite skip")
 
 
-def raise_if_nonfinite(run: Run, parts: Parts, state: TrainState, cfg: TrainConfig) -> None:
-    bad = int(state.bad_step)
+def raise_if_nonfinite(run: Run, parts: Parts, state: TrainState, rt: Runtime) -> None:
+    """Stop at the first non-finite loss of any rank (a collective with several processes)."""
+    bad = state.bad_step
+    if rt.dist is not None:  # the earliest bad step of any rank (-1 on a rank: none)
+        none = torch.iinfo(torch.long).max
+        bad = rt.dist.all_min(torch.where(bad < 0, none, bad))
+        bad = torch.where(bad == none, -1, bad)
+    bad = int(bad)
     if bad >= 0:
-        raise nonfinite_error(run, parts, state, bad, cfg)
+        raise nonfinite_error(run, parts, state, bad, run.cfg)
 
 
 def save_last(run: Run, parts: Parts, state: TrainState, rt: Runtime) -> None:
-    raise_if_nonfinite(run, parts, state, run.cfg)  # never overwrite a good checkpoint with poisoned weights
+    raise_if_nonfinite(run, parts, state, rt)  # never overwrite a good checkpoint with poisoned weights
     parts.meta.extra = {"epoch": state.epoch, "batch": state.batch, "step": state.step}
-    save_checkpoint(run.dir / "last", parts.model, parts.meta, parts.config_yaml, state.to_dict(parts, rt.device))
+    payload = state.to_dict(parts, rt)  # on every rank: its epoch sums are a collective
+    if rt.main:
+        save_checkpoint(run.dir / "last", parts.model, parts.meta, parts.config_yaml, payload)
+        if run.board is not None:
+            run.board.flush()  # what TensorBoard has is on disk up to this checkpoint
+
+
+def interrupted(run: Run, rt: Runtime, where: str) -> TrainingInterrupted:
+    if rt.dist is not None:
+        rt.dist.barrier()  # every rank leaves after the checkpoint is written
+    return TrainingInterrupted(f"stopped {where}; continue with: {run.resume_command()}")
 
 
 def train_epoch(run: Run, parts: Parts, state: TrainState, rt: Runtime, should_stop: Callable[[], bool],
                 progress: bool, log: Callable[[str], None], peak: float | None) -> float:
     """Train the rest of epoch ``state.epoch`` (from batch ``state.batch``): the hot loop.
     Returns the last learning rate. Raises TrainingInterrupted, after saving, when
-    ``should_stop`` says so before the epoch's end."""
+    ``should_stop`` says so before the epoch's end.
+
+    With several processes every rank draws and augments the whole global batch (the same
+    draws as one process would make) and trains on its own rows; stop requests and
+    non-finite losses are combined across ranks at the log interval, where the loop syncs."""
     cfg, device = run.cfg, rt.device
     n_classes = parts.meta.model.num_classes
     mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
     steps, bs = parts.steps_per_epoch, parts.batch_size
+    rows = slice(None) if rt.dist is None else rt.dist.rows(bs)
     order = epoch_order(len(parts.train_labels), cfg.seed, state.epoch, device, cfg.repeated_augment)
     first = state.batch
     if first == 0:
@@ -449,8 +607,9 @@ def train_epoch(run: Run, parts: Parts, state: TrainState, rt: Runtime, should_s
     parts.model.train()
     bar = tqdm(total=steps, initial=first, desc=f"epoch {state.epoch + 1}/{cfg.epochs}", disable=not progress,
                leave=False, unit="step", dynamic_ncols=True)
-    t_epoch, seen_at_start = time.perf_counter(), float(state.epoch_sums[2])
+    t_epoch, seen_at_start = time.perf_counter(), float(rt.global_sums(state.epoch_sums)[2])
     step_on_device = torch.full((), state.step, dtype=torch.long, device=device)
+    pending: list[tuple[torch.Tensor, float]] = []  # (loss, lr) of the steps since the last log interval
     plans = crop_plans(parts.augment, cfg.seed, state.epoch, first, steps, bs, parts.train_images.shape[2:], device)
     lr = cfg.lr
     for b, plan in zip(range(first, steps), plans):
@@ -464,43 +623,63 @@ def train_epoch(run: Run, parts: Parts, state: TrainState, rt: Runtime, should_s
         target = y
         if mixing:  # soft targets; accuracy below still counts the dominant label
             x, target = mix_batch(x, y, n_classes, cfg.mixup_alpha, cfg.cutmix_alpha, parts.aug_gen)
+        x, y, target = x[rows], y[rows], target[rows]  # this rank's share of the global batch
         loss, logits = loss_and_logits(parts.step_model, x, target, device, rt.amp_dtype, cfg.label_smoothing)
         parts.optimizer.zero_grad(set_to_none=True)
         state.batch = b + 1
-        if cfg.on_nonfinite == "skip" and not torch.isfinite(loss):  # host sync, only with this option
+        # host sync (and, with several processes, one collective) per step, only with this option
+        if cfg.on_nonfinite == "skip" and rt.agree(not bool(torch.isfinite(loss))):
             state.lr_scale *= 0.5
             log(f"step {state.step + 1}: loss is {loss.item()}; skipped the batch, learning rate now x{state.lr_scale:g}")
             continue
         step_on_device += 1
         state.bad_step = torch.where((state.bad_step < 0) & ~torch.isfinite(loss.detach()), step_on_device,
                                      state.bad_step)
-        apply_gradients(parts.model, parts.optimizer, loss, cfg.grad_clip)
+        apply_gradients(parts.model, parts.optimizer, loss, cfg.grad_clip)  # DDP averaged the gradients in backward
         state.step += 1
         if parts.ema is not None:
             parts.ema.update(state.step)
         with torch.no_grad():
             state.epoch_sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                              torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
-        if (b + 1) % cfg.log_every == 0 or b + 1 == steps:
-            raise_if_nonfinite(run, parts, state, cfg)
-            loss_sum, correct, seen = state.epoch_sums.tolist()  # with the line above, the only host syncs here
+        pending.append((loss.detach(), lr))
+        at_log = (b + 1) % cfg.log_every == 0 or b + 1 == steps
+        if at_log:
+            raise_if_nonfinite(run, parts, state, rt)
+            loss_sum, correct, seen = rt.global_sums(state.epoch_sums).tolist()  # with the line above: the syncs
             rate = (seen - seen_at_start) / max(1e-9, time.perf_counter() - t_epoch)
+            flush_step_losses(run, rt, state, pending)
+            if run.board is not None:
+                run.board.scalar("train/images_per_second", rate, state.step)
             mfu = f" MFU {100 * rate * parts.flops_per_image / peak:.0f}%" if peak else ""
+            left = (parts.total_steps - state.step) * bs / max(rate, 1e-9)  # the epochs to come, at this speed
             bar.set_postfix_str(f"loss {loss_sum / max(seen, 1):.4f} acc {correct / max(seen, 1):.4f} "
-                                f"{rate:,.0f} img/s{mfu}")
+                                f"{rate:,.0f} img/s{mfu} | run ETA {format_duration(left)}")
             bar.update((b + 1) - bar.n)
         if b + 1 < steps:
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
+                flush_step_losses(run, rt, state, pending)  # the events up to a checkpoint are all written
                 save_last(run, parts, state, rt)
-            if should_stop():  # at an epoch's end, the caller stops after the epoch's checkpoint
+            # one process asks at every step; several agree at the log interval (at an epoch's
+            # end the caller stops after the epoch's checkpoint)
+            if (rt.dist is None or at_log) and rt.agree(should_stop()):
+                flush_step_losses(run, rt, state, pending)
                 save_last(run, parts, state, rt)
                 bar.close()
-                raise TrainingInterrupted(f"stopped at epoch {state.epoch + 1}, step {state.step}; "
-                                          f"continue with: {run.resume_command()}")
+                raise interrupted(run, rt, f"at epoch {state.epoch + 1}, step {state.step}")
     bar.close()
     synchronize(device)
-    raise_if_nonfinite(run, parts, state, cfg)
+    raise_if_nonfinite(run, parts, state, rt)
     return lr
+
+
+def flush_step_losses(run: Run, rt: Runtime, state: TrainState, pending: list[tuple[torch.Tensor, float]]) -> None:
+    """Write the steps since the last flush to TensorBoard (the mean over the ranks) and forget them."""
+    if pending:
+        losses = rt.global_sums(torch.stack([lo for lo, _ in pending]).float()) / (rt.dist.world if rt.dist else 1)
+        if run.board is not None:
+            run.board.steps(state.step - len(pending) + 1, losses, [r for _, r in pending])
+        pending.clear()
 
 
 def end_epoch(run: Run, parts: Parts, state: TrainState, data: DatasetSplits, rt: Runtime, lr: float,
@@ -508,31 +687,35 @@ def end_epoch(run: Run, parts: Parts, state: TrainState, data: DatasetSplits, rt
     """Validate the raw (and EMA) weights, keep the better as best/ if it beats the run's
     best, checkpoint last/, append the epoch's row to metrics.csv and log it."""
     cfg = run.cfg
-    loss_sum, correct, seen = state.epoch_sums.tolist()
+    loss_sum, correct, seen = rt.global_sums(state.epoch_sums).tolist()
     if seen == 0:  # every batch skipped for a non-finite loss: nothing was trained
         raise NonFiniteLoss(f"every batch of epoch {state.epoch + 1} had a non-finite loss and was skipped; "
                             f"training stopped. Last good checkpoint: {printable(run.dir / 'last')}. "
                             f"Retry with a lower --lr")
     # Per-epoch validation sees each image once; flip averaging (``tta_flip``) would double
     # its cost every epoch and is kept for the final table, computed from the chosen checkpoint.
-    val_loss, val_acc = evaluate(parts.model, data.val, parts.normalize, cfg.eval_batch_size, rt.device, rt.amp_dtype)
+    val_loss, val_acc = rt.evaluate(parts.model, data.val, parts.normalize, cfg.eval_batch_size)
     state.epoch += 1
     state.batch = 0
     row = {"epoch": state.epoch, "step": state.step, "lr": lr, "train_loss": loss_sum / seen,
            "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc}
     candidates = {"raw": (val_acc, parts.model)}
     if parts.ema is not None:
-        row["val_ema_loss"], row["val_ema_acc"] = evaluate(parts.ema.model, data.val, parts.normalize,
-                                                           cfg.eval_batch_size, rt.device, rt.amp_dtype)
+        row["val_ema_loss"], row["val_ema_acc"] = rt.evaluate(parts.ema.model, data.val, parts.normalize,
+                                                              cfg.eval_batch_size)
         candidates["ema"] = (row["val_ema_acc"], parts.ema.model)
     state.rows.append(row)
-    report.write_metrics(run.dir / "metrics.csv", state.rows)
+    if run.board is not None:
+        run.board.epoch(row)
     kind, (epoch_best, best_model) = max(candidates.items(), key=lambda kv: kv[1][0])
-    improved = epoch_best > state.best_val_acc
+    improved = epoch_best > state.best_val_acc  # the same on every rank: the logits are gathered
     if improved:  # the best weights of the run, raw or averaged
         state.best_val_acc = epoch_best
         parts.meta.extra = {"epoch": state.epoch, "step": state.step, "val_acc": epoch_best, "weights": kind}
-        save_checkpoint(run.dir / "best", best_model, parts.meta, parts.config_yaml)
+    if rt.main:
+        report.write_metrics(run.dir / "metrics.csv", state.rows)
+        if improved:
+            save_checkpoint(run.dir / "best", best_model, parts.meta, parts.config_yaml)
     save_last(run, parts, state, rt)
     ema_text = f" | ema val acc {row['val_ema_acc']:.4f}" if parts.ema is not None else ""
     log(f"epoch {state.epoch:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
@@ -553,21 +736,48 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     splits instead of loading ``cfg.dataset`` (benchmarks, notebooks). ``stop_when`` is
     asked after every optimizer step; when it returns True the run stops as it does on
     Ctrl-C: checkpoint saved, TrainingInterrupted raised with the command that resumes.
+
+    Under torchrun (RANK and WORLD_SIZE in the environment) this process is one rank of a
+    data-parallel job (vitlab.distributed): rank 0 writes, every rank trains its share.
     """
     log = log or (lambda s: tqdm.write(s))
     session_start = time.perf_counter()
-    run = Run.open(cfg, resume, log)
+    clock_origin = budgets.origin()  # what a --time-budget counts from
+    rt = Runtime.setup(Run.initial_config(cfg, resume))
+    if not rt.main:
+        log, progress = (lambda s: None), False
+    run = None
     try:
+        opened = rt.on_main(lambda: Run.open(Run.initial_config(cfg, resume), resume, log))
+        run = opened if rt.main else Run(opened.cfg, opened.dir, None, opened.checkpoint)
         cfg = run.cfg
-        rt = Runtime.setup(cfg)
-        data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size,
-                                                          image_size=cfg.image_size, download=cfg.download,
-                                                          coarse_labels=cfg.coarse_labels, warn=log)
-        check_same_data(run, data)
-        if run.dir is None:
-            run.create(overwrite)
+        if data is None:  # the writing process first: it may download or extract
+            loaded: dict = {}
+
+            def load() -> None:
+                loaded["data"] = load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, image_size=cfg.image_size,
+                                              download=cfg.download and rt.main, coarse_labels=cfg.coarse_labels, warn=log)
+
+            rt.on_main(load)
+            if "data" not in loaded:
+                load()
+            data = loaded["data"]
+        check_same_data(run, data, rt)
         parts = Parts.build(cfg, data, rt)
-        state = prepare_state(run, parts, rt.device, log)
+        if cfg.time_budget and resume is None:  # a resumed run keeps the epochs decided at its start
+            run.plan = rt.on_main(lambda: plan_budget(cfg, parts, data, rt, clock_origin))
+            cfg = run.cfg = cfg.replace(epochs=run.plan.epochs, warmup_epochs=min(cfg.warmup_epochs, run.plan.epochs / 5))
+            parts.reschedule(cfg)
+            log(run.plan.describe())
+        if run.dir is None:
+            created = rt.on_main(lambda: run.create(overwrite) or run.dir)
+            run.dir = created
+        if rt.main:  # before the state, which starts the training clock: importing tensorboard takes seconds
+            # a resumed run drops the events the killed process wrote after its checkpoint
+            run.board = Board(run.dir, cfg.tensorboard,
+                              purge_step=int(read_meta(run.checkpoint, verify=False).extra.get("step", 0)) + 1
+                              if run.checkpoint else None)
+        state = prepare_state(run, parts, rt, log)
         peak = matmul_peak(rt.device, rt.amp_dtype, reps=5) if progress else None
         log(f"vitlab: {cfg.dataset} {len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test images "
             f"{data.channels}x{data.image_size}x{data.image_size}, {len(data.classes)} classes | "
@@ -584,12 +794,15 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
                 t_epoch = time.perf_counter()
                 lr = train_epoch(run, parts, state, rt, should_stop, progress, log, peak)
                 end_epoch(run, parts, state, data, rt, lr, time.perf_counter() - t_epoch, log)
-                if should_stop() and state.epoch < cfg.epochs:
-                    raise TrainingInterrupted(f"stopped after epoch {state.epoch}, step {state.step}; "
-                                              f"continue with: {run.resume_command()}")
-        return finish_run(run, parts, data, rt, state, time.perf_counter() - session_start, log)
+                if rt.agree(should_stop()) and state.epoch < cfg.epochs:
+                    raise interrupted(run, rt, f"after epoch {state.epoch}, step {state.step}")
+        train_seconds = state.seconds()  # the training itself: the final evaluation and report come after
+        run.clock_origin = clock_origin
+        return finish_run(run, parts, data, rt, state, train_seconds, time.perf_counter() - session_start, log)
     finally:
-        run.close()
+        if run is not None:
+            run.close()
+        stop_distributed()
 
 
 def final_checkpoint(run: Run, log: Callable[[str], None]) -> Path:
@@ -607,47 +820,101 @@ def final_checkpoint(run: Run, log: Callable[[str], None]) -> Path:
     raise CheckpointError(f"{printable(run.dir)}: neither best/ nor last/ is intact; nothing to report")
 
 
-def finish_run(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state: TrainState, session_seconds: float,
-               log: Callable[[str], None]) -> RunResult:
+def finish_run(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state: TrainState, train_seconds: float,
+               session_seconds: float, log: Callable[[str], None]) -> RunResult:
     """Evaluate the best checkpoint on every split and write results.md and the plots;
     then remove the crash-safety copies (best.prev/, last.prev/)."""
     cfg, model = run.cfg, parts.model
-    chosen = final_checkpoint(run, log)
-    load_weights(chosen, model)
+
+    def choose() -> tuple:
+        chosen = final_checkpoint(run, log)
+        load_weights(chosen, model)
+        return chosen, {k: v.cpu() for k, v in model.state_dict().items()}, read_meta(chosen, verify=False).extra
+
+    chosen, weights, extra = rt.on_main(choose)  # raw or EMA weights, whichever won
+    model.load_state_dict(weights)
     model.eval()
-    ev = dict(normalize=parts.normalize, batch_size=cfg.eval_batch_size, device=rt.device, amp_dtype=rt.amp_dtype,
-              tta_flip=cfg.tta_flip)
+    ev = dict(normalize=parts.normalize, batch_size=cfg.eval_batch_size, tta_flip=cfg.tta_flip)
     # Test logits are computed once: for the table and for the predictions grid below.
-    test_logits = predict_logits(model, data.test.images, **ev).cpu()
+    test_logits = rt.logits(model, data.test.images, **ev)
     test = loss_and_accuracy(test_logits, data.test.labels)
     results = {
-        "Train": evaluate(model, data.train, **ev),
-        "Val": test if data.val_is_test else evaluate(model, data.val, **ev),
+        "Train": rt.evaluate(model, data.train, **ev),
+        "Val": test if data.val_is_test else rt.evaluate(model, data.val, **ev),
         "Test": test,
     }
-    extra = read_meta(chosen, verify=False).extra  # raw or EMA weights, whichever won
-    train_seconds = state.seconds()
+    if rt.main:
+        write_report(run, parts, data, rt, state, results, test_logits, chosen, extra, train_seconds, session_seconds)
+        log("\n" + report.results_table(results))
+        budget = (f", time budget {cfg.time_budget}: {format_duration(time.perf_counter() - run.clock_origin)} used"
+                  if cfg.time_budget else "")
+        log(f"done: best epoch {extra.get('epoch', 0)} (val accuracy {float(extra.get('val_acc') or 0):.4f}), test "
+            f"accuracy {results['Test'][1]:.4f}, {format_duration(train_seconds)} of training{budget}; report: "
+            f"{printable(run.dir / 'results.md')}")
+    return RunResult(run.dir, results, len(state.rows), train_seconds)
+
+
+def write_report(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state: TrainState, results: dict,
+                 test_logits: torch.Tensor, chosen: Path, extra: dict, train_seconds: float,
+                 session_seconds: float) -> None:
+    """results.md (+ results.json), loss_curve.png, predictions.png, attention.png and
+    confusion.png, the TensorBoard summary; then the tidy-up and one line saying how it went."""
+    cfg, model = run.cfg, parts.model
     title = f"{cfg.dataset}: ViT {cfg.depth}x{cfg.dim}, patch {model.cfg.patch_size}"
-    report.write_results(run.dir / "results.md", title, results, {
+    probs, preds = test_logits.softmax(1).max(1)
+    confusion = report.confusion_matrix(preds, data.test.labels, len(data.classes))
+    images_per_second = len(data.train) * len(state.rows) / max(train_seconds, 1e-9)
+    facts = {
         "epochs": f"{len(state.rows)} (best val accuracy at epoch {extra.get('epoch', 0)}, "
                   f"{extra.get('weights', 'raw')} weights; the table uses {chosen.name}/)",
         "training time": f"{train_seconds:.1f} s" + (f" (this session {session_seconds:.1f} s)"
                                                       if session_seconds < train_seconds else ""),
+        "throughput": f"{images_per_second:,.0f} training images/s",
         "validation": "the test set" if data.val_is_test else f"{len(data.val)} images held out of train (fixed seed)",
         "model": f"{model.num_params():,} parameters, {model.cfg.num_patches} patches of {model.cfg.patch_size}x{model.cfg.patch_size}",
-        "device": f"{rt.device.type}, {'bf16 autocast' if rt.amp_dtype else 'fp32'}, attention {rt.kernels.attention}",
+        "device": f"{rt.describe()} attention" + (" (bf16 autocast)" if rt.amp_dtype else ""),
         "code": report.code_version(),
         "config": "config.yaml",
-    })
+        "figures": "[loss_curve.png](loss_curve.png), [predictions.png](predictions.png), "
+                   "[attention.png](attention.png) (where it looks: gradient-weighted attention of the same images), "
+                   "[confusion.png](confusion.png)",
+    }
+    budget = None
+    if cfg.time_budget:
+        limit = parse_duration(cfg.time_budget)
+        used = time.perf_counter() - run.clock_origin + REPORT_TAIL
+        budget = {"budget_s": limit, "used_s": used, "epochs": cfg.epochs}
+        facts["time budget"] = (f"{format_duration(limit)}; this process ran {format_duration(used)} "
+                                f"({100 * used / limit:.0f}% of it) for {cfg.epochs} epochs"
+                                + (f" ({run.plan.describe()})" if run.plan else ""))
+    report.write_results(run.dir / "results.md", title, results, facts,
+                         {"Per-class accuracy (test)": report.per_class_table(confusion, data.classes)})
+    report.write_json(run.dir / "results.json", {
+        "results": {k: {"loss": v[0], "accuracy": v[1]} for k, v in results.items()},
+        "best_epoch": extra.get("epoch", 0), "best_val_acc": extra.get("val_acc"), "epochs": len(state.rows),
+        "planned_epochs": cfg.epochs, "train_seconds": train_seconds, "images_per_second": images_per_second,
+        "classes": list(data.classes), "confusion": confusion.tolist(), "time_budget": budget,
+        "code": report.code_version()})
     if state.rows:
         report.plot_curves(state.rows, run.dir / "loss_curve.png", title)
     # The grid: the first test images, then the first mistakes among the rest (up to 8).
-    probs, preds = test_logits.softmax(1).max(1)
     first = torch.arange(min(24, len(data.test)))
     wrong = (preds != data.test.labels).nonzero().flatten()
     show = torch.cat([first, wrong[wrong >= len(first)][:32 - len(first)]])
     report.plot_predictions(data.test.images[show], data.test.labels[show], preds[show], probs[show],
                             data.classes, run.dir / "predictions.png", title)
+    predictor = Predictor(parts.meta, model, parts.normalize, rt.device, rt.amp_dtype)
+    explained = explain_images(predictor, data.test.images[show], "gradient")
+    plot_grid(explained, range(len(show)), data.classes, data.test.labels[show], run.dir / "attention.png",
+              f"{title}: where it looks (gradient-weighted attention)")
+    report.plot_confusion(confusion, data.classes, run.dir / "confusion.png", title)
+    if run.board is not None:
+        for name in ("predictions", "attention", "confusion"):
+            run.board.figure(name, run.dir / f"{name}.png", state.step)
+        run.board.hparams(cfg.to_dict(), {"best_val_acc": float(extra.get("val_acc") or 0.0),
+                                          "test_acc": results["Test"][1], "test_loss": results["Test"][0]}, state.step)
+        run.board.close()
     rundir.tidy(run.dir)
-    log("\n" + report.results_table(results) + f"\n\nresults in {printable(run.dir)}")
-    return RunResult(run.dir, results, len(state.rows), train_seconds)
+
+
+REPORT_TAIL = 0.5  # seconds of the report still to come when its time is measured

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from vitlab import TrainConfig, load_checkpoint
+from vitlab import load_checkpoint
 from vitlab import checkpoint as vckpt
 from vitlab.cli import cli
 from vitlab.config import default_config

@@ -634,12 +634,13 @@ def test_report_falls_back_to_last_when_best_is_damaged(tmp_path):
 
 
 def test_a_finished_run_leaves_no_crash_safety_copies(small_run):
-    assert sorted(p.name for p in small_run.iterdir()) == [".lock", "best", "config.yaml", "last", "loss_curve.png",
-                                                            "metrics.csv", "predictions.png", "results.md"]
+    assert sorted(p.name for p in small_run.iterdir()) == [".lock", "attention.png", "best", "config.yaml",
+                                                            "confusion.png", "last", "loss_curve.png", "metrics.csv",
+                                                            "predictions.png", "results.json", "results.md", "tb"]
 
 
 def test_killed_before_its_first_checkpoint_restarts_cleanly(tmp_path):
-    proc = _start_training(tmp_path, "--epochs", "2", "--batch-size", "8")
+    proc = _start_training(tmp_path, "--epochs", "1", "--batch-size", "8")
     _wait_for(tmp_path / "live" / "config.yaml", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

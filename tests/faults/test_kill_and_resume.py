@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 
-# Long enough (about 240 steps) that a random kill lands mid-run; checkpoints every 7 steps.
-ARGS = ["--epochs", "4", "--depth", "2", "--dim", "48", "--heads", "2", "--mlp-dim", "96", "--batch-size", "24",
+# Long enough (about 160 steps) that a random kill lands mid-run; checkpoints every 7 steps.
+ARGS = ["--epochs", "3", "--depth", "2", "--dim", "48", "--heads", "2", "--mlp-dim", "96", "--batch-size", "24",
         "--dropout", "0.1", "--hflip", "0.5", "--checkpoint-every", "7", "--log-every", "5"]
 
 
@@ -62,7 +62,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
 def test_sigkill_at_a_random_moment_then_resume(tmp_path, uninterrupted, seed):
     proc = _start(tmp_path)
     _wait_for(tmp_path / "run" / "last", proc)
-    time.sleep(random.Random(seed).uniform(0.0, 2.5))
+    time.sleep(random.Random(seed).uniform(0.0, 2.0))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = _resume(tmp_path / "run")

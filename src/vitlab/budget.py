@@ -1,0 +1,108 @@
+"""Training to a wall-clock budget (``--time-budget 30m``): from this machine's measured speed,
+the number of epochs that lets the whole run, final evaluation and report included, end
+within the budget. For the ``vitlab`` command the clock starts when the process starts
+(imports included); for ``vitlab.train.train()`` from Python, when it is called."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+_UNITS = {"s": 1, "m": 60, "h": 3600}
+SAFETY = 0.96  # aim at 96% of the budget: the measured speed drifts by a few per cent on a shared machine
+REPORT_SECONDS = 5.0  # drawing the figures, results.md, the last checkpoint: the part that does not scale with the model
+# attention.png explains 32 test images: a forward and backward pass and 22 forward passes of its deletion
+# scores per image, about 26 evaluations of each of them
+REPORT_IMAGE_PASSES = 26 * 32
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '2h', '1h30m' or a number of seconds, as seconds."""
+    s = str(text).strip().lower()
+    parts = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?", s)
+    if not s or parts is None or not any(parts.groups()):
+        raise ConfigError(f"--time-budget must look like 90s, 30m, 2h or 1h30m, got {text!r}")
+    hours, minutes, seconds = (float(g) if g else 0.0 for g in parts.groups())
+    total = 3600 * hours + 60 * minutes + seconds
+    if not 1 <= total <= 30 * 86400:
+        raise ConfigError(f"--time-budget must be between 1 s and 30 days, got {text!r}")
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+_cli_origin: float | None = None  # time.perf_counter() at the start of this `vitlab` process
+
+
+def start_at_process_start() -> None:
+    """Called by the `vitlab` command: budgets count from the start of the process."""
+    global _cli_origin
+    _cli_origin = time.perf_counter() - process_age()
+
+
+def origin() -> float:
+    """The time.perf_counter() a budget counts from: the process start for the command, else now."""
+    return _cli_origin if _cli_origin is not None else time.perf_counter()
+
+
+def process_age() -> float:
+    """Seconds since this process started (imports included); 0 where it cannot be read."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclass
+class Plan:
+    """The decision: measured costs and the epochs that fit."""
+
+    budget: float
+    step_seconds: float  # one training step, measured
+    eval_seconds_per_image: float  # one image through evaluation, measured
+    epoch_seconds: float  # an epoch: its steps and its validation
+    final_seconds: float  # the final evaluation of every split and the report
+    started: float  # seconds since the process started when the plan was made
+    epochs: int
+
+    @property
+    def predicted(self) -> float:
+        return self.started + self.epochs * self.epoch_seconds + self.final_seconds
+
+    def describe(self) -> str:
+        return (f"time budget {format_duration(self.budget)}: measured {1e3 * self.step_seconds:.1f} ms per step and "
+                f"{1e6 * self.eval_seconds_per_image:.0f} us per evaluated image, so an epoch takes about "
+                f"{self.epoch_seconds:.1f} s and the final report {self.final_seconds:.1f} s; after "
+                f"{self.started:.1f} s of start-up, {self.epochs} epochs fit (predicted end at "
+                f"{format_duration(self.predicted)})")
+
+
+def plan(budget: float, step_seconds: float, eval_seconds_per_image: float, steps_per_epoch: int, val_images: int,
+         final_images: int, val_passes: int, final_passes: int, max_epochs: int, since: float) -> Plan:
+    """How many epochs fit: (budget x SAFETY - start-up - final report) / epoch, at least one.
+    ``since``: the time.perf_counter() the budget counts from."""
+    started = time.perf_counter() - since
+    epoch = steps_per_epoch * step_seconds + val_passes * val_images * eval_seconds_per_image
+    final = (final_passes * final_images + REPORT_IMAGE_PASSES) * eval_seconds_per_image + REPORT_SECONDS
+    epochs = math.floor((budget * SAFETY - started - final) / max(epoch, 1e-9))
+    p = Plan(budget, step_seconds, eval_seconds_per_image, epoch, final, started, min(epochs, max_epochs))
+    if epochs < 1:
+        need = started + epoch + final
+        raise ConfigError(f"--time-budget {format_duration(budget)} is too short here: start-up took {started:.0f} s, "
+                          f"one epoch takes about {epoch:.0f} s and the final report {final:.0f} s; give at least "
+                          f"{format_duration(need / SAFETY + 1)}")
+    return p
+
+

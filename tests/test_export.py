@@ -1,0 +1,215 @@
+"""Exports to ONNX, timm and transformers: each checked against vitlab on real test images,
+each loaded back by its own library, refused when it cannot be expressed or does not match."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from vitlab import Kernels, ViT
+from vitlab import export as vexport
+from vitlab.augment import Normalize
+from vitlab.checkpoint import CheckpointMeta, save_checkpoint
+from vitlab.cli import cli
+from vitlab.config import default_config
+from vitlab.data import load_dataset
+from vitlab.errors import VitlabError
+from vitlab.interop import ExportError, to_hf, to_timm
+from vitlab.train import build_model_config
+
+
+def make_checkpoint(folder: Path, data=None, cfg=None, seed: int = 0, **arch) -> Path:
+    """A checkpoint of a randomly initialised model (every weight non-trivial, the head too)
+    whose config names a real dataset: the export checks then run on its real test images."""
+    cfg = (cfg or default_config()).replace(**arch)
+    data = data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, val_size=cfg.val_size, download=False)
+    model_cfg = build_model_config(cfg, data)
+    torch.manual_seed(seed)
+    model = ViT(model_cfg)
+    for name, p in model.named_parameters():
+        if "norm" not in name:
+            torch.nn.init.normal_(p, std=0.15)
+    meta = CheckpointMeta(model_cfg, data.classes, data.mean, data.std, cfg.dataset, data=data.fingerprint())
+    return save_checkpoint(folder, model, meta, cfg.to_yaml())
+
+
+def _images(data, n=64):
+    return data.test.images[:n]
+
+
+def _vitlab_logits(model: ViT, images, data) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.eval()(Normalize(data.mean, data.std)(images))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "unused", val_size=0.1)
+
+
+# ---------------------------------------------------------------- ONNX
+
+@pytest.mark.parametrize("arch", [dict(patch_embed="spt", lsa=True), dict(patch_embed="conv-pool", pool="mean"),
+                                  dict(patch_embed="conv-stem", layer_scale=0.1), dict(patch_embed="linear")],
+                         ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))
+def test_onnx_exports_every_tokenizer_and_lsa(tmp_path, digits, arch):
+    ckpt = make_checkpoint(tmp_path / "best", digits, **arch)
+    report = vexport.export(ckpt, "onnx", log=lambda s: None)
+    assert report["passed"] and report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] < 1e-4
+    assert report["source"] == "the first 359 test images of digits"
+    side = json.loads((tmp_path / "best.onnx.json").read_text())
+    assert side["check"] == report and side["input"] == "uint8" and side["classes"] == digits.classes
+
+
+def test_onnx_graph_has_a_dynamic_batch_and_explicit_attention(tmp_path, digits):
+    import onnx
+    import onnxruntime as ort
+
+    ckpt = make_checkpoint(tmp_path / "best", digits)
+    vexport.export(ckpt, "onnx", log=lambda s: None)
+    graph = onnx.load(str(tmp_path / "best.onnx")).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 8, 8]
+    ops = {n.op_type for n in graph.node}
+    assert "Softmax" in ops and "MatMul" in ops and not ops & {"Attention", "MultiHeadAttention"}
+    session = ort.InferenceSession(str(tmp_path / "best.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 7, 300):  # any batch size
+        out = session.run(None, {"images": digits.test.images[:batch].numpy()})[0]
+        assert out.shape == (batch, 10)
+
+
+def test_onnx_float_input(tmp_path, digits):
+    ckpt = make_checkpoint(tmp_path / "best", digits)
+    report = vexport.export(ckpt, "onnx", tmp_path / "f.onnx", float_input=True, log=lambda s: None)
+    assert report["passed"] and json.loads((tmp_path / "f.onnx.json").read_text())["input"] == "float32 normalised"
+
+
+def test_a_failed_check_keeps_nothing(tmp_path, digits, monkeypatch):
+    ckpt = make_checkpoint(tmp_path / "best", digits)
+    monkeypatch.setitem(vexport.TOLERANCE, "onnx", 1e-12)  # no real export is that close: the check must fail
+    result = CliRunner().invoke(cli, ["export", str(ckpt), "--format", "onnx"])
+    assert result.exit_code == 1 and "does not match vitlab's" in result.output and "nothing was kept" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+# ------------------------------------------------------- timm and transformers
+
+@pytest.mark.parametrize("arch", [dict(), dict(patch_embed="linear"), dict(pool="mean"), dict(layer_scale=0.1)],
+                         ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()) or "plain")
+def test_timm_and_hf_compute_the_same_function(tmp_path, digits, arch):
+    from vitlab.checkpoint import load_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "best", digits, **arch)
+    model, _ = load_checkpoint(ckpt, kernels=Kernels(attention="explicit"))
+    images = _images(digits, 128)
+    ours = _vitlab_logits(model, images, digits)
+    x = Normalize(digits.mean, digits.std)(images)
+    with torch.inference_mode():
+        timm_out = to_timm(model)(x)
+    assert (timm_out - ours).abs().max() < 1e-5 and torch.equal(timm_out.argmax(1), ours.argmax(1))
+    if arch.get("pool") == "mean" or arch.get("layer_scale"):
+        with pytest.raises(ExportError, match="cannot be exported to Hugging Face transformers"):
+            to_hf(model)
+        return
+    hf = to_hf(model, digits.classes)
+    with torch.inference_mode():
+        hf_out = hf(pixel_values=Normalize(digits.mean * 3, digits.std * 3)(images.repeat(1, 3, 1, 1))).logits
+    assert (hf_out - ours).abs().max() < 1e-5 and torch.equal(hf_out.argmax(1), ours.argmax(1))
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_every_format_on_real_mnist_and_cifar10(tmp_path, real_data, dataset):
+    cfg = default_config().replace(dataset=dataset, data_dir=str(real_data), val_size=0.1, patch_size=7 if dataset == "mnist" else 4,
+                                   depth=2, dim=48, heads=3, mlp_dim=96)
+    data = load_dataset(dataset, real_data, val_size=0.1, download=False)
+    ckpt = make_checkpoint(tmp_path / "best", data, cfg)
+    for fmt in ("onnx", "timm", "hf"):
+        report = vexport.export(ckpt, fmt, log=lambda s: None)
+        assert report["passed"] and report["images"] == 512 and dataset in report["source"], report
+
+
+def test_exported_folders_load_back_in_their_libraries(digits_run, tmp_path, caplog):
+    """timm.create_model('local-dir:...') and transformers' from_pretrained and pipeline load the
+    exports with no warning, and the pipeline picks vitlab's class for image files."""
+    import timm
+    from transformers import ViTForImageClassification, pipeline
+
+    from vitlab.checkpoint import load_checkpoint
+    from vitlab.data import load_digits
+
+    runner = CliRunner()
+    for fmt in ("timm", "hf", "onnx"):
+        out = tmp_path / ("m.onnx" if fmt == "onnx" else fmt)
+        result = runner.invoke(cli, ["export", str(digits_run / "best"), "--format", fmt, "--out", str(out)])
+        assert result.exit_code == 0 and "top-1 agreement 1.0000" in result.output, result.output
+    model, _ = load_checkpoint(digits_run / "best")
+    data = load_dataset("digits", "unused", val_size=0.1)
+    ours = _vitlab_logits(model, _images(data), data)
+    loaded = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    with torch.inference_mode():
+        assert torch.allclose(loaded(Normalize(data.mean, data.std)(_images(data))), ours, atol=1e-4)
+    assert loaded.pretrained_cfg["label_names"] == data.classes
+    with caplog.at_level(logging.WARNING):
+        hf, info = ViTForImageClassification.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert not [r for r in caplog.records if "weights" in r.getMessage().lower()]
+    classify = pipeline("image-classification", model=str(tmp_path / "hf"))
+    digits, _ = load_digits()
+    paths = []
+    for i in range(6):
+        Image.fromarray(digits.images[i, 0].numpy()).resize((24, 24)).save(tmp_path / f"d{i}.png")  # another size
+        paths.append(str(tmp_path / f"d{i}.png"))
+    ours_cli = runner.invoke(cli, ["predict", str(digits_run / "best"), *paths, "--top-k", "1"]).output.splitlines()
+    onnx_cli = runner.invoke(cli, ["predict", str(tmp_path / "m.onnx"), *paths, "--top-k", "1"])
+    assert onnx_cli.exit_code == 0 and onnx_cli.output.splitlines() == ours_cli
+    for path, line in zip(paths, ours_cli):
+        assert classify(path)[0]["label"] == line.split(": ")[1].split()[0]
+
+
+# -------------------------------------------------------------- refusals
+
+@pytest.mark.parametrize("arch, fmt, message", [
+    (dict(patch_embed="spt"), "timm", "the spt tokenizer"),
+    (dict(lsa=True), "hf", "locality self-attention"),
+    (dict(pool="mean"), "hf", "mean pooling (ViTForImageClassification classifies the class token)"),
+])
+def test_options_a_format_cannot_express_get_one_line(tmp_path, digits, arch, fmt, message):
+    ckpt = make_checkpoint(tmp_path / "best", digits, **arch)
+    result = CliRunner().invoke(cli, ["export", str(ckpt), "--format", fmt])
+    assert result.exit_code == 1 and message in result.output and "ONNX (--format onnx) exports every" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_a_vitlab_01_checkpoint_cannot_go_to_a_timm_folder(tmp_path, digits):
+    ckpt = make_checkpoint(tmp_path / "best", digits)
+    manifest = json.loads((ckpt / "model.json").read_text())
+    del manifest["model"]["norm_eps"]  # as vitlab 0.1 wrote it: LayerNorm eps 1e-5
+    (ckpt / "model.json").write_text(json.dumps(manifest))
+    result = CliRunner().invoke(cli, ["export", str(ckpt), "--format", "timm"])
+    assert result.exit_code == 1 and "LayerNorm epsilon 1e-05" in result.output
+
+
+def test_a_damaged_checkpoint_is_refused_before_export(tmp_path, digits):
+    ckpt = make_checkpoint(tmp_path / "best", digits)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4])
+    result = CliRunner().invoke(cli, ["export", str(ckpt), "--format", "onnx"])
+    assert result.exit_code == 1 and "damaged (checksum mismatch)" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_missing_export_libraries_name_the_extra(tmp_path, digits, monkeypatch):
+    ckpt = make_checkpoint(tmp_path / "best", digits)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    result = CliRunner().invoke(cli, ["export", str(ckpt), "--format", "onnx"])
+    assert result.exit_code == 1 and "pip install 'vitlab[export]'" in result.output
+    with pytest.raises(VitlabError, match="vitlab\\[export\\]"):
+        vexport.require("onnx")
