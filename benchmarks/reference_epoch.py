@@ -1,9 +1,11 @@
-"""Wall time of one full `reference-cifar10` epoch (45,000 training images + 5,000
-validation, the reference architecture, vitlab's defaults for the device), with the
-training images tiled from whatever CIFAR-10 subset is at hand: the time depends on
-the image count, not on which images they are.
+"""Wall time of one `reference-cifar10` (or `--preset reference-cifar100`) epoch (the
+reference architecture, vitlab's defaults for the device), with the training images tiled
+from whatever CIFAR subset is at hand: the time depends on the image count, not on which
+images they are. With fewer than the full 45,000 (50,000 for CIFAR-100) training images,
+the full epoch and the whole run are projected from the measured images/s.
 
     python benchmarks/reference_epoch.py --data-dir .devdata
+    python benchmarks/reference_epoch.py --data-dir DIR --preset reference-cifar100 --train-images 5000
 """
 
 from __future__ import annotations
@@ -29,26 +31,32 @@ def tiled(s: ImageSet, n: int) -> ImageSet:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--train-images", type=int, default=45000)
+    p.add_argument("--preset", default="reference-cifar10", choices=["reference-cifar10", "reference-cifar100"])
+    p.add_argument("--train-images", type=int, help="default: the full training split")
     p.add_argument("--epochs", type=int, default=2, help="the first epoch includes warm-up; the last is reported")
     p.add_argument("--device", default="auto")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
-    d = load_dataset("cifar10", args.data_dir, val_size=0, download=False)
-    data = DatasetSplits("cifar10", d.classes, tiled(d.train, args.train_images), tiled(d.test, 5000),
-                         tiled(d.test, 5000), False, d.mean, d.std)
-    cfg = load_preset("reference-cifar10").replace(epochs=args.epochs, out=tempfile.mkdtemp(), device=args.device)
+    preset = load_preset(args.preset)
+    d = load_dataset(preset.dataset, args.data_dir, val_size=preset.val_size, download=False)
+    full = len(d.train)
+    n = args.train_images or full
+    data = DatasetSplits(preset.dataset, d.classes, tiled(d.train, n), d.val, d.test, d.val_is_test, d.mean, d.std)
+    cfg = preset.replace(epochs=args.epochs, out=tempfile.mkdtemp(), device=args.device)
     times = []
     result = train(cfg, data=data, progress=False, log=lambda s: (times.append(s), print(s, flush=True)))
     epoch_lines = [t for t in times if t.startswith("epoch")]
     last = epoch_lines[-1]
     seconds = float(last.split("|")[-1].split("s")[0])
-    body = (f"reference-cifar10 preset (depth 12, dim 256, batch 128), {args.train_images} training images, "
-            f"epoch {args.epochs} of {args.epochs}: **{seconds:.2f} s** of training (+ validation and checkpoint; "
-            f"whole run {result.seconds:.1f} s)\n\n`{last}`")
+    full_epoch = seconds * full / n
+    body = (f"{args.preset} preset (depth {cfg.depth}, dim {cfg.dim}, batch {cfg.batch_size}), {n} training images, "
+            f"epoch {args.epochs} of {args.epochs}: {seconds:.2f} s of training ({n / seconds:.1f} img/s; + "
+            f"validation of {len(d.val)} images and a checkpoint: whole run {result.seconds:.1f} s). One epoch of "
+            f"the {full} training images: **{full_epoch / 60:.1f} min**; the preset's {preset.epochs} epochs: "
+            f"**{preset.epochs * full_epoch / 3600:.1f} h** of training\n\n`{last}`")
     print(f"machine: {machine()}\n{body}")
     if not args.no_record:
-        append_results("One reference-cifar10 epoch (benchmarks/reference_epoch.py)", command_line(), body)
+        append_results(f"One {args.preset} epoch (benchmarks/reference_epoch.py)", command_line(), body)
 
 
 if __name__ == "__main__":
