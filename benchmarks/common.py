@@ -84,6 +84,16 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls (CPU work: no device sync)."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

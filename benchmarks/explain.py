@@ -15,15 +15,13 @@ pass over them with the explicit attention kernel (medians of repeats).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, command_line, machine  # noqa: E402
+from common import median_seconds, append_results, command_line, machine  # noqa: E402
 
 from vitlab import explain  # noqa: E402
 from vitlab.inference import load_predictor  # noqa: E402
@@ -43,14 +41,6 @@ def relevance(model, x: torch.Tensor, options: dict | None, seed: int, batch: in
         return torch.rand(len(x), model.cfg.num_patches, generator=torch.Generator().manual_seed(seed))
     return torch.cat([explain.tokens(model, x[i: i + batch], **options) for i in range(0, len(x), batch)])
 
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -88,12 +78,12 @@ def main() -> None:
             for i in range(0, len(xs), 250):
                 model(xs[i: i + 250])
 
-    base = timed(eval_pass, args.repeats)
+    base = median_seconds(eval_pass, args.repeats)
     speed = ["| what | seconds | vs one evaluation pass |", "|---|---|---|",
              f"| evaluation pass (explicit attention, class-token shortcut) | {base:.2f} | 1.00x |"]
     for name, options in (("rollout (mean fusion)", dict(method="rollout")), ("gradient-weighted", dict(method="gradient")),
                           ("raw attention", dict(method="attention"))):
-        t = timed(lambda: relevance(model, xs, options, 0, batch=250), args.repeats)
+        t = median_seconds(lambda: relevance(model, xs, options, 0, batch=250), args.repeats)
         speed.append(f"| {name} | {t:.2f} | {t / base:.2f}x |")
         print(speed[-1], flush=True)
     body = (f"`{args.checkpoint}` ({predictor.meta.dataset}, ViT {model.cfg.depth}x{model.cfg.dim}, patch "

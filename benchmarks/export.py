@@ -11,7 +11,6 @@ the ONNX graph has the normalisation inside).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CONFIGS, append_results, command_line, machine  # noqa: E402
+from common import median_seconds, CONFIGS, append_results, command_line, machine  # noqa: E402
 
 from vitlab.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
 from vitlab.config import default_config  # noqa: E402
@@ -28,15 +27,6 @@ from vitlab.export import export  # noqa: E402
 from vitlab.inference import load_predictor  # noqa: E402
 from vitlab.model import ViT, ViTConfig  # noqa: E402
 
-
-def median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -75,7 +65,7 @@ def main() -> None:
             def theirs():
                 session.run(None, {"images": images.numpy()})
 
-            a, b = median_time(ours, reps), median_time(theirs, reps)
+            a, b = median_seconds(ours, reps), median_seconds(theirs, reps)
             lines.append(f"| {name} | {batch} | {batch / a:,.0f} | {batch / b:,.0f} | {a / b:.2f}x |")
             print(lines[-1], flush=True)
     body = ("fp32, uint8 images in; vitlab eager: `load_predictor(...).model` (fastest kernel for the device, class-token "

@@ -213,11 +213,7 @@ def _export_timm(model: ViT, meta, out: Path, imgs: CheckImages, reference: torc
         atomic_write_text(tmp / "config.json", json.dumps(_timm_config(meta), indent=2))
         loaded = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
         got = _timm_logits(loaded, imgs.images, meta)
-        report = compare(reference, got, "timm", imgs.source)
-        if not report["passed"]:
-            _refuse(report, [tmp])
-        atomic_write_text(tmp / "vitlab-export.json", json.dumps(_sidecar(meta, "timm", report), indent=2))
-        _replace_folder(tmp, out)
+        report = _keep_if_equal(tmp, out, meta, "timm", reference, got, imgs.source)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
@@ -258,13 +254,20 @@ def _export_hf(model: ViT, meta, out: Path, imgs: CheckImages, reference: torch.
         with torch.inference_mode():
             got = torch.cat([loaded.eval()(pixel_values=norm(rgb[i: i + 256])).logits
                              for i in range(0, len(rgb), 256)]).float()
-        report = compare(reference, got, "hf", imgs.source)
-        if not report["passed"]:
-            _refuse(report, [tmp])
-        atomic_write_text(tmp / "vitlab-export.json", json.dumps(_sidecar(meta, "hf", report), indent=2))
-        _replace_folder(tmp, out)
+        report = _keep_if_equal(tmp, out, meta, "hf", reference, got, imgs.source)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return report
+
+
+def _keep_if_equal(tmp: Path, out: Path, meta, fmt: str, reference: torch.Tensor, got: torch.Tensor,
+                   source: str) -> dict:
+    """A written folder's parity check: refused (and removed) or given its report and moved into place."""
+    report = compare(reference, got, fmt, source)
+    if not report["passed"]:
+        _refuse(report, [tmp])
+    atomic_write_text(tmp / "vitlab-export.json", json.dumps(_sidecar(meta, fmt, report), indent=2))
+    _replace_folder(tmp, out)
     return report
 
 
