@@ -69,6 +69,10 @@ def build_model_config(cfg: TrainConfig, data: DatasetSplits) -> ViTConfig:
                      num_classes=len(data.classes))
 
 
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    return int(round(cfg.warmup_epochs * steps_per_epoch))
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
     """Linear warmup to ``lr``, then cosine decay to ``min(min_lr, lr)`` at ``total_steps``."""
     min_lr = min(min_lr, lr)
@@ -249,7 +253,7 @@ class Runtime:
                 raise
         result, error = self.dist.broadcast((result, error))
         if error is not None:
-            raise getattr(errors, error[0], VitlabError)(error[1]) if hasattr(errors, error[0]) else VitlabError(error[1])
+            raise getattr(errors, error[0], VitlabError)(error[1])
         return result
 
     def agree(self, flag: bool) -> bool:
@@ -394,7 +398,7 @@ class Parts:
             batch_size=batch_size,
             steps_per_epoch=steps,
             total_steps=steps * cfg.epochs,
-            warmup_steps=int(round(cfg.warmup_epochs * steps)),
+            warmup_steps=warmup_steps(cfg, steps),
             flops_per_image=flops_per_image(model_cfg, training=True,
                                             cls_only_last_block=rt.kernels.cls_only_last_block),
         )
@@ -403,7 +407,7 @@ class Parts:
     def reschedule(self, cfg: TrainConfig) -> None:
         """A new epoch count (a --time-budget decision): the schedule and the saved config follow."""
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        self.warmup_steps = int(round(cfg.warmup_epochs * self.steps_per_epoch))
+        self.warmup_steps = warmup_steps(cfg, self.steps_per_epoch)
         self.config_yaml = cfg.to_yaml()
 
 
@@ -746,12 +750,13 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     log = log or (lambda s: tqdm.write(s))
     session_start = time.perf_counter()
     clock_origin = budgets.origin()  # what a --time-budget counts from
-    rt = Runtime.setup(Run.initial_config(cfg, resume))
+    initial = Run.initial_config(cfg, resume)
+    rt = Runtime.setup(initial)
     if not rt.main:
         log, progress = (lambda s: None), False
     run = None
     try:
-        opened = rt.on_main(lambda: Run.open(Run.initial_config(cfg, resume), resume, log))
+        opened = rt.on_main(lambda: Run.open(initial, resume, log))
         run = opened if rt.main else Run(opened.cfg, opened.dir, None, opened.checkpoint)
         cfg = run.cfg
         if data is None:  # the writing process first: it may download or extract
@@ -867,6 +872,7 @@ def write_report(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state
     probs, preds = test_logits.softmax(1).max(1)
     confusion = report.confusion_matrix(preds, data.test.labels, len(data.classes))
     images_per_second = len(data.train) * len(state.rows) / max(train_seconds, 1e-9)
+    code = report.code_version()  # read from .git once, for results.md and results.json
     facts = {
         "epochs": f"{len(state.rows)} (best val accuracy at epoch {extra.get('epoch', 0)}, "
                   f"{extra.get('weights', 'raw')} weights; the table uses {chosen.name}/)",
@@ -876,7 +882,7 @@ def write_report(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state
         "validation": "the test set" if data.val_is_test else f"{len(data.val)} images held out of train (fixed seed)",
         "model": f"{model.num_params():,} parameters, {model.cfg.num_patches} patches of {model.cfg.patch_size}x{model.cfg.patch_size}",
         "device": f"{rt.describe()} attention" + (" (bf16 autocast)" if rt.amp_dtype else ""),
-        "code": report.code_version(),
+        "code": code,
         "config": "config.yaml",
         "figures": "[loss_curve.png](loss_curve.png), [predictions.png](predictions.png), "
                    "[attention.png](attention.png) (where it looks: gradient-weighted attention of the same images), "
@@ -897,7 +903,7 @@ def write_report(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state
         "best_epoch": extra.get("epoch", 0), "best_val_acc": extra.get("val_acc"), "epochs": len(state.rows),
         "planned_epochs": cfg.epochs, "train_seconds": train_seconds, "images_per_second": images_per_second,
         "classes": list(data.classes), "confusion": confusion.tolist(), "time_budget": budget,
-        "code": report.code_version()})
+        "code": code})
     if state.rows:
         report.plot_curves(state.rows, run.dir / "loss_curve.png", title)
     # The grid: the first test images, then the first mistakes among the rest (up to 8).
