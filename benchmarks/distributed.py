@@ -12,17 +12,15 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CONFIGS, append_results, command_line, machine  # noqa: E402
+from common import median_seconds, CONFIGS, append_results, command_line, machine  # noqa: E402
 
 from vitlab.model import Kernels, ViT, ViTConfig  # noqa: E402
 from vitlab.runtime import keep_freed_memory, resolve_attention, resolve_precision  # noqa: E402
@@ -30,14 +28,10 @@ from vitlab.train import apply_gradients, build_optimizer, loss_and_logits  # no
 
 
 def step_times(model_step, rounds: int, warmup: int = 3) -> float:
+    """The median of ``rounds`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):
         model_step()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        model_step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return median_seconds(model_step, rounds)
 
 
 def make(cfg_name: str, batch: int, device: torch.device, ddp: bool):
