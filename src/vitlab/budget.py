@@ -90,11 +90,13 @@ class Plan:
 
 
 def plan(budget: float, step_seconds: float, eval_seconds_per_image: float, steps_per_epoch: int, val_images: int,
-         final_images: int, val_passes: int, final_passes: int, max_epochs: int, since: float) -> Plan:
+         final_images: int, val_passes: int, final_passes: int, max_epochs: int, since: float,
+         checkpoint_seconds: float = 0.0) -> Plan:
     """How many epochs fit: (budget x SAFETY - start-up - final report) / epoch, at least one.
     ``since``: the time.perf_counter() the budget counts from."""
     started = time.perf_counter() - since
-    epoch = steps_per_epoch * step_seconds + val_passes * val_images * eval_seconds_per_image
+    # each epoch also writes last/ and, when val improves, best/: counted as two checkpoints
+    epoch = steps_per_epoch * step_seconds + val_passes * val_images * eval_seconds_per_image + 2 * checkpoint_seconds
     final = (final_passes * final_images + REPORT_IMAGE_PASSES) * eval_seconds_per_image + REPORT_SECONDS
     epochs = math.floor((budget * SAFETY - started - final) / max(epoch, 1e-9))
     p = Plan(budget, step_seconds, eval_seconds_per_image, epoch, final, started, min(epochs, max_epochs))

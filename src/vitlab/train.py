@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import random
+import shutil
 import signal
 import threading
 import time
@@ -39,7 +40,7 @@ from .data import DatasetSplits, fingerprint_changes, load_dataset
 from .distributed import Dist, from_env, start, threads_per_rank
 from .distributed import stop as stop_distributed
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, TrainingInterrupted, VitlabError
-from .fileio import printable
+from .fileio import printable, temp_dir
 from .explanations import explain_images, plot_grid
 from .inference import Predictor, loss_and_accuracy, predict_logits
 from .model import Kernels, ViT, ViTConfig, check_patch_fits, default_patch_size, flops_per_image
@@ -498,8 +499,9 @@ def prepare_state(run: Run, parts: Parts, rt: Runtime, log: Callable[[str], None
     return state
 
 
-def calibrate(cfg: TrainConfig, parts: Parts, data: DatasetSplits, rt: Runtime, steps: int = 8) -> tuple[float, float]:
-    """(seconds per training step, seconds per evaluated image) measured on copies of the
+def calibrate(cfg: TrainConfig, parts: Parts, data: DatasetSplits, rt: Runtime, steps: int = 8
+              ) -> tuple[float, float, float]:
+    """(seconds per training step, per evaluated image, per checkpoint) measured on copies of the
     model and optimizer, with the random streams put back: the run itself is untouched."""
     model = copy.deepcopy(parts.model).train()
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -527,15 +529,32 @@ def calibrate(cfg: TrainConfig, parts: Parts, data: DatasetSplits, rt: Runtime, 
         passes.append(time.perf_counter() - t)
     eval_per_image = min(passes) / max(1, len(images))
     torch.set_rng_state(rng)
-    return sorted(times[2:])[len(times[2:]) // 2], eval_per_image
+    return sorted(times[2:])[len(times[2:]) // 2], eval_per_image, checkpoint_seconds(cfg, parts, model, optimizer)
+
+
+def checkpoint_seconds(cfg: TrainConfig, parts: Parts, model: ViT, optimizer: torch.optim.Optimizer) -> float:
+    """One save of weights and optimizer state (fsynced), in a temporary folder where the run
+    will live: on small models an epoch's checkpoints cost as much as its steps."""
+    out = Path(cfg.out).expanduser()
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir(out, ".vitlab-calibrate-")
+    try:
+        t = time.perf_counter()
+        save_checkpoint(tmp / "last", model, parts.meta, parts.config_yaml, {"optimizer": optimizer.state_dict()})
+        return time.perf_counter() - t
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()  # a folder this measurement made, left empty: a refused run leaves nothing
 
 
 def plan_budget(cfg: TrainConfig, parts: Parts, data: DatasetSplits, rt: Runtime, since: float) -> Plan:
-    step_s, eval_s = calibrate(cfg, parts, data, rt)
+    step_s, eval_s, ckpt_s = calibrate(cfg, parts, data, rt)
     return budgets.plan(parse_duration(cfg.time_budget), step_s, eval_s, parts.steps_per_epoch, len(data.val),
                 len(data.train) + len(data.test) + (0 if data.val_is_test else len(data.val)),
                 val_passes=2 if cfg.ema_decay > 0 else 1, final_passes=2 if cfg.tta_flip else 1, max_epochs=100_000,
-                since=since)
+                since=since, checkpoint_seconds=ckpt_s)
 
 
 def check_same_data(run: Run, data: DatasetSplits, rt: Runtime) -> None:
