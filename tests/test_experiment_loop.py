@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from vitlab import budget as budgets
 from vitlab.budget import format_duration, parse_duration
 from vitlab.cli import cli
 from vitlab.config import default_config
@@ -133,6 +134,17 @@ def test_bad_durations_are_one_line(bad):
         parse_duration(bad)
 
 
+@pytest.mark.parametrize("budget, steps", [(100.0, 811), (12.0, 46)])
+def test_a_budget_plan_fills_the_time_left_with_whole_epochs_then_a_partial_one(budget, steps):
+    # 0.1 s a step, 100 steps an epoch, 1 s of validation after each, 5.832 s of final report:
+    # 8 whole epochs (88 s) and 11 steps of a ninth in 96 s; in 11.52 s, 46 steps of the first
+    plan = budgets.plan(budget, 0.1, 1e-3, 100, 1000, 0, 1, 1, max_steps=10**9, since=time.perf_counter())
+    assert plan.steps == steps and plan.epochs == -(-steps // 100)
+    assert budget * budgets.SAFETY - 0.1 < plan.predicted <= budget * budgets.SAFETY
+    assert f"{steps} steps fit" in plan.describe()
+    assert budgets.plan(budget, 0.1, 1e-3, 100, 1000, 0, 1, 1, max_steps=40, since=time.perf_counter()).steps == 40
+
+
 def test_a_run_fits_its_time_budget_and_resumes_with_its_decision(tmp_path):
     budget = 20.0
     cmd = [sys.executable, "-m", "vitlab", "train", "--out", str(tmp_path), "--name", "b", "--time-budget", "20s",
@@ -145,7 +157,7 @@ def test_a_run_fits_its_time_budget_and_resumes_with_its_decision(tmp_path):
     # other test worker's subprocesses come and go after vitlab has measured its speed, hence the wider bound
     assert 0.6 * budget <= wall <= 1.25 * budget, (wall, done.stdout + done.stderr)
     config = (tmp_path / "b" / "config.yaml").read_text()
-    assert config.startswith("# time budget 20s: measured") and "epochs fit" in config
+    assert config.startswith("# time budget 20s: measured") and "steps fit" in config
     epochs = int(re.search(r"^epochs: (\d+)$", config, re.M).group(1))
     assert epochs > 3 and len(read_metrics(tmp_path / "b" / "metrics.csv")) == epochs
     assert "time budget" in (tmp_path / "b" / "results.md").read_text()

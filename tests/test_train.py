@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from vitlab import TrainConfig, ViT, load_checkpoint
 from vitlab.config import default_config
 from vitlab.predict import evaluate_checkpoint
+from vitlab.report import read_metrics
 from vitlab.train import TrainingInterrupted, lr_at, train
 
 
@@ -90,6 +91,27 @@ def test_resume_is_bit_exact(tmp_path, stop_after):
     assert straight.results == resumed.results
 
 
+def test_max_steps_ends_the_schedule_in_a_partial_epoch_and_resumes_bit_exact(tmp_path):
+    log = lambda s: None  # noqa: E731
+    straight = train(_tiny(tmp_path, "straight").replace(max_steps=25), progress=False, log=log)
+    rows = read_metrics(straight.run_dir / "metrics.csv")
+    per_epoch = rows[0]["step"]
+    assert 25 % per_epoch and [r["step"] for r in rows] == [per_epoch * (i + 1) for i in range(len(rows) - 1)] + [25]
+    warmup = round(2 * per_epoch)  # the default two epochs
+    assert rows[-1]["lr"] == pytest.approx(lr_at(24, 25, warmup, 2e-3, 1e-5), rel=1e-6)  # the schedule ends at 25
+    assert rows[-1]["lr"] != pytest.approx(lr_at(24, len(rows) * per_epoch, warmup, 2e-3, 1e-5), rel=1e-3)
+    saved = default_config().load_yaml(straight.run_dir / "config.yaml")
+    assert saved.max_steps == 25 and saved.epochs == len(rows) == math.ceil(25 / per_epoch)
+    with pytest.raises(TrainingInterrupted):  # stopped inside the partial epoch
+        train(_tiny(tmp_path, "resumed").replace(max_steps=25), progress=False, log=log,
+              stop_when=lambda state: state.step >= 25 - per_epoch // 2)
+    resumed = train(resume=tmp_path / "resumed", progress=False, log=log)
+    a = load_file(str(straight.run_dir / "last" / "model.safetensors"))
+    b = load_file(str(resumed.run_dir / "last" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (straight.run_dir / "metrics.csv").read_text() == (resumed.run_dir / "metrics.csv").read_text()
+
+
 def test_existing_run_folder_is_never_overwritten(tmp_path):
     cfg = _tiny(tmp_path, "same").replace(epochs=1)
     train(cfg, progress=False, log=lambda s: None)
@@ -101,3 +123,19 @@ def test_existing_run_folder_is_never_overwritten(tmp_path):
     assert marker.read_text() == before
     train(cfg, overwrite=True, progress=False, log=lambda s: None)
     assert math.isfinite(float(marker.read_text().splitlines()[1].split(",")[3]))
+
+
+def test_metrics_rows_are_appended_and_a_torn_last_line_is_dropped(tmp_path):
+    from vitlab.report import append_metrics
+
+    path, rows = tmp_path / "metrics.csv", []
+    for e in range(1, 4):
+        rows.append({"epoch": e, "step": 10 * e, "lr": 1e-3 / e, "train_loss": 1.0 / e, "train_acc": 0.5,
+                     "val_loss": 0.9 / e, "val_acc": 0.6, "val_ema_loss": 0.8, "val_ema_acc": 0.7})
+        before = path.read_bytes() if path.exists() else b""
+        append_metrics(path, rows)
+        assert path.read_bytes().startswith(before)  # appended, not rewritten
+    assert read_metrics(path) == rows
+    with open(path, "a") as f:
+        f.write("4,40,0.00025,0.2")  # killed while the fourth row was being written
+    assert read_metrics(path) == rows

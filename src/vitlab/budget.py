@@ -67,44 +67,58 @@ def process_age() -> float:
 
 @dataclass
 class Plan:
-    """The decision: measured costs and the epochs that fit."""
+    """The decision: measured costs and the optimizer steps that fit."""
 
     budget: float
     step_seconds: float  # one training step, measured
     eval_seconds_per_image: float  # one image through evaluation, measured
-    epoch_seconds: float  # an epoch: its steps and its validation
+    steps_per_epoch: int
+    epoch_end_seconds: float  # what ends each epoch, whole or partial: its validation and checkpoints
     final_seconds: float  # the final evaluation of every split and the report
     started: float  # seconds since the process started when the plan was made
-    epochs: int
+    steps: int  # optimizer steps of the run; the last epoch is partial when they are not whole epochs
+
+    @property
+    def epochs(self) -> int:
+        return -(-self.steps // self.steps_per_epoch)
+
+    @property
+    def epoch_seconds(self) -> float:
+        return self.steps_per_epoch * self.step_seconds + self.epoch_end_seconds
 
     @property
     def predicted(self) -> float:
-        return self.started + self.epochs * self.epoch_seconds + self.final_seconds
+        return self.started + self.steps * self.step_seconds + self.epochs * self.epoch_end_seconds + self.final_seconds
 
     def describe(self) -> str:
+        whole, rest = divmod(self.steps, self.steps_per_epoch)
+        shape = f"{whole} epochs" + (f" and {rest} of the {self.steps_per_epoch} steps of one more" if rest else "")
         return (f"time budget {format_duration(self.budget)}: measured {1e3 * self.step_seconds:.1f} ms per step and "
                 f"{1e6 * self.eval_seconds_per_image:.0f} us per evaluated image, so an epoch takes about "
                 f"{self.epoch_seconds:.1f} s and the final report {self.final_seconds:.1f} s; after "
-                f"{self.started:.1f} s of start-up, {self.epochs} epochs fit (predicted end at "
+                f"{self.started:.1f} s of start-up, {self.steps} steps fit: {shape} (predicted end at "
                 f"{format_duration(self.predicted)})")
 
 
 def plan(budget: float, step_seconds: float, eval_seconds_per_image: float, steps_per_epoch: int, val_images: int,
-         final_images: int, val_passes: int, final_passes: int, max_epochs: int, since: float,
+         final_images: int, val_passes: int, final_passes: int, max_steps: int, since: float,
          checkpoint_seconds: float = 0.0) -> Plan:
-    """How many epochs fit: (budget x SAFETY - start-up - final report) / epoch, at least one.
+    """How many steps fit in budget x SAFETY after start-up and the final report: whole epochs,
+    then the steps of a partial one that its own validation and checkpoints leave room for.
     ``since``: the time.perf_counter() the budget counts from."""
     started = time.perf_counter() - since
     # each epoch also writes last/ and, when val improves, best/: counted as two checkpoints
-    epoch = steps_per_epoch * step_seconds + val_passes * val_images * eval_seconds_per_image + 2 * checkpoint_seconds
+    epoch_end = val_passes * val_images * eval_seconds_per_image + 2 * checkpoint_seconds
+    epoch = steps_per_epoch * step_seconds + epoch_end
     final = (final_passes * final_images + REPORT_IMAGE_PASSES) * eval_seconds_per_image + REPORT_SECONDS
-    epochs = math.floor((budget * SAFETY - started - final) / max(epoch, 1e-9))
-    p = Plan(budget, step_seconds, eval_seconds_per_image, epoch, final, started, min(epochs, max_epochs))
-    if epochs < 1:
-        need = started + epoch + final
+    room = budget * SAFETY - started - final
+    whole = max(0, math.floor(room / max(epoch, 1e-9)))
+    partial = math.floor((room - whole * epoch - epoch_end) / max(step_seconds, 1e-9))
+    steps = whole * steps_per_epoch + max(0, min(partial, steps_per_epoch - 1))
+    if steps < 1:
+        need = started + step_seconds + epoch_end + final
         raise ConfigError(f"--time-budget {format_duration(budget)} is too short here: start-up took {started:.0f} s, "
-                          f"one epoch takes about {epoch:.0f} s and the final report {final:.0f} s; give at least "
+                          f"an epoch takes about {epoch:.0f} s and the final report {final:.0f} s; give at least "
                           f"{format_duration(need / SAFETY + 1)}")
-    return p
-
-
+    return Plan(budget, step_seconds, eval_seconds_per_image, steps_per_epoch, epoch_end, final, started,
+                min(steps, max_steps))

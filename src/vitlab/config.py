@@ -41,6 +41,7 @@ class TrainConfig(ArchConfig):
     image_size: int | None = option(None, f"side length images are resized to, at most {MAX_IMAGE_SIZE} (default: the dataset's own; 32 for 'folder')")
     # --- optimisation
     epochs: int = option(80, "training epochs")
+    max_steps: int = option(0, "stop after this many optimizer steps, where the learning-rate schedule ends; it overrides --epochs and the last epoch may be partial (0: --epochs whole epochs)")
     batch_size: int = option(64, "training batch size")
     lr: float = option(2e-3, "peak learning rate (AdamW)")
     min_lr: float = option(1e-5, "learning rate at the end of the cosine decay (capped at --lr)")
@@ -96,6 +97,8 @@ class TrainConfig(ArchConfig):
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             v = getattr(self, name)
             need(isinstance(v, int) and v >= 1, f"{flag(name)} must be a positive integer, got {v!r}")
+        need(isinstance(self.max_steps, int) and 0 <= self.max_steps <= 1 << 40,
+             f"--max-steps must be a whole number >= 0 (0: off), got {self.max_steps!r}")
         need(self.epochs <= 100_000 and self.batch_size <= 1 << 20 and self.eval_batch_size <= 1 << 20,
              "--epochs, --batch-size and --eval-batch-size must be at most 100,000 and 1,048,576")
         v = self.image_size

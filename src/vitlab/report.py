@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .fileio import atomic_write_bytes, atomic_write_text
+from .fileio import append_synced, atomic_write_bytes, atomic_write_text
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc"]
 EMA_FIELDS = ["val_ema_loss", "val_ema_acc"]
@@ -27,17 +27,38 @@ EMA_FIELDS = ["val_ema_loss", "val_ema_acc"]
 def read_metrics(path: Path) -> list[dict[str, float]]:
     if not Path(path).is_file():
         return []
+    rows = []
     with open(path, newline="") as f:
-        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
-    for r in rows:
-        r["epoch"], r["step"] = int(r["epoch"]), int(r["step"])
+        for row in csv.DictReader(f):
+            try:
+                r = {k: float(v) for k, v in row.items()}
+            except (TypeError, ValueError):  # a line torn by a crash while it was appended: the end
+                break
+            r["epoch"], r["step"] = int(r["epoch"]), int(r["step"])
+            rows.append(r)
     return rows
 
 
+def _fields(rows: list[dict]) -> list[str]:
+    return METRIC_FIELDS + [k for k in EMA_FIELDS if rows and k in rows[0]]
+
+
+def _line(row: dict, fields: list[str]) -> str:
+    return ",".join(_fmt(row[k]) for k in fields)
+
+
 def write_metrics(path: Path, rows: list[dict]) -> None:
-    fields = METRIC_FIELDS + [k for k in EMA_FIELDS if rows and k in rows[0]]
-    lines = [",".join(fields)] + [",".join(_fmt(r[k]) for k in fields) for r in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    fields = _fields(rows)
+    atomic_write_text(path, "\n".join([",".join(fields)] + [_line(r, fields) for r in rows]) + "\n")
+
+
+def append_metrics(path: Path, rows: list[dict]) -> None:
+    """metrics.csv after ``rows[-1]`` was added: one appended line (the cost of an epoch's row
+    does not grow with the run), the whole file when it starts."""
+    if len(rows) <= 1 or not Path(path).is_file():
+        write_metrics(path, rows)
+    else:
+        append_synced(path, (_line(rows[-1], _fields(rows)) + "\n").encode())
 
 
 def _fmt(v) -> str:

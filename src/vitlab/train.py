@@ -74,6 +74,11 @@ def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
     return int(round(cfg.warmup_epochs * steps_per_epoch))
 
 
+def schedule_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The optimizer steps of the whole run, where the schedule ends: --max-steps, else whole epochs."""
+    return cfg.max_steps or cfg.epochs * steps_per_epoch
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
     """Linear warmup to ``lr``, then cosine decay to ``min(min_lr, lr)`` at ``total_steps``."""
     min_lr = min(min_lr, lr)
@@ -398,16 +403,25 @@ class Parts:
             config_yaml=cfg.to_yaml(),
             batch_size=batch_size,
             steps_per_epoch=steps,
-            total_steps=steps * cfg.epochs,
+            total_steps=schedule_steps(cfg, steps),
             warmup_steps=warmup_steps(cfg, steps),
             flops_per_image=flops_per_image(model_cfg, training=True,
                                             cls_only_last_block=rt.kernels.cls_only_last_block),
         )
 
 
+    @property
+    def epochs(self) -> int:
+        """Epochs the run trains, the last one partial when the step count is not a whole number of them."""
+        return -(-self.total_steps // self.steps_per_epoch)
+
+    def batches_in(self, epoch: int) -> int:
+        """Batches of epoch ``epoch`` (0-based): all of them but in a partial last epoch."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
     def reschedule(self, cfg: TrainConfig) -> None:
-        """A new epoch count (a --time-budget decision): the schedule and the saved config follow."""
-        self.total_steps = self.steps_per_epoch * cfg.epochs
+        """A new length (a --time-budget decision): the schedule and the saved config follow."""
+        self.total_steps = schedule_steps(cfg, self.steps_per_epoch)
         self.warmup_steps = warmup_steps(cfg, self.steps_per_epoch)
         self.config_yaml = cfg.to_yaml()
 
@@ -467,7 +481,7 @@ class TrainState:
             set_rng_state(d["rng"], device)
             sums = d["epoch_sums"].to(device=device, dtype=torch.float64)
             state.epoch_sums = sums if rt.main else torch.zeros_like(sums)  # the saved sums are all ranks'
-            if state.epoch_sums.shape != (3,) or not 0 <= state.batch <= parts.steps_per_epoch:
+            if state.epoch_sums.shape != (3,) or not 0 <= state.batch <= parts.batches_in(state.epoch):
                 raise ValueError("counters out of range")
         except CheckpointError:
             raise
@@ -553,7 +567,7 @@ def plan_budget(cfg: TrainConfig, parts: Parts, data: DatasetSplits, rt: Runtime
     step_s, eval_s, ckpt_s = calibrate(cfg, parts, data, rt)
     return budgets.plan(parse_duration(cfg.time_budget), step_s, eval_s, parts.steps_per_epoch, len(data.val),
                 len(data.train) + len(data.test) + (0 if data.val_is_test else len(data.val)),
-                val_passes=2 if cfg.ema_decay > 0 else 1, final_passes=2 if cfg.tta_flip else 1, max_epochs=100_000,
+                val_passes=2 if cfg.ema_decay > 0 else 1, final_passes=2 if cfg.tta_flip else 1, max_steps=1 << 40,
                 since=since, checkpoint_seconds=ckpt_s)
 
 
@@ -624,7 +638,7 @@ def train_epoch(run: Run, parts: Parts, state: TrainState, rt: Runtime, should_s
     cfg, device = run.cfg, rt.device
     n_classes = parts.meta.model.num_classes
     mixing = cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0
-    steps, bs = parts.steps_per_epoch, parts.batch_size
+    steps, bs = parts.batches_in(state.epoch), parts.batch_size
     rows = slice(None) if rt.dist is None else rt.dist.rows(bs)
     order = epoch_order(len(parts.train_labels), cfg.seed, state.epoch, device, cfg.repeated_augment)
     first = state.batch
@@ -739,7 +753,7 @@ def end_epoch(run: Run, parts: Parts, state: TrainState, data: DatasetSplits, rt
         state.best_val_acc = epoch_best
         parts.meta.extra = {"epoch": state.epoch, "step": state.step, "val_acc": epoch_best, "weights": kind}
     if rt.main:
-        report.write_metrics(run.dir / "metrics.csv", state.rows)
+        report.append_metrics(run.dir / "metrics.csv", state.rows)
         if improved:
             save_checkpoint(run.dir / "best", best_model, parts.meta, parts.config_yaml)
     save_last(run, parts, state, rt)
@@ -791,11 +805,14 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
             data = loaded["data"]
         check_same_data(run, data, rt)
         parts = Parts.build(cfg, data, rt)
-        if cfg.time_budget and resume is None:  # a resumed run keeps the epochs decided at its start
+        if cfg.time_budget and resume is None:  # a resumed run keeps the steps decided at its start
             run.plan = rt.on_main(lambda: plan_budget(cfg, parts, data, rt, clock_origin))
-            cfg = run.cfg = cfg.replace(epochs=run.plan.epochs, warmup_epochs=min(cfg.warmup_epochs, run.plan.epochs / 5))
-            parts.reschedule(cfg)
+            length = run.plan.steps / parts.steps_per_epoch
+            cfg = cfg.replace(max_steps=run.plan.steps, warmup_epochs=min(cfg.warmup_epochs, length / 5))
             log(run.plan.describe())
+        if cfg.max_steps:  # the epoch count follows the step count, in what is saved and shown
+            cfg = run.cfg = cfg.replace(epochs=-(-cfg.max_steps // parts.steps_per_epoch))
+            parts.reschedule(cfg)
         if run.dir is None:
             created = rt.on_main(lambda: run.create(overwrite) or run.dir)
             run.dir = created
@@ -911,9 +928,9 @@ def write_report(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state
     if cfg.time_budget:
         limit = parse_duration(cfg.time_budget)
         used = time.perf_counter() - run.clock_origin + REPORT_TAIL
-        budget = {"budget_s": limit, "used_s": used, "epochs": cfg.epochs}
+        budget = {"budget_s": limit, "used_s": used, "epochs": cfg.epochs, "steps": state.step}
         facts["time budget"] = (f"{format_duration(limit)}; this process ran {format_duration(used)} "
-                                f"({100 * used / limit:.0f}% of it) for {cfg.epochs} epochs"
+                                f"({100 * used / limit:.0f}% of it) for {state.step} steps in {cfg.epochs} epochs"
                                 + (f" ({run.plan.describe()})" if run.plan else ""))
     report.write_results(run.dir / "results.md", title, results, facts,
                          {"Per-class accuracy (test)": report.per_class_table(confusion, data.classes)})
