@@ -20,6 +20,12 @@ CONFIGS = {
     "reference": dict(image_size=32, channels=3, num_classes=10, patch_size=4, depth=12, heads=8, dim=256, mlp_dim=512),
     "small": dict(image_size=32, channels=3, num_classes=10, patch_size=4, depth=6, heads=4, dim=128, mlp_dim=256),
 }
+VITLAB_CONFIGS = {  # the above, and shapes only vitlab builds
+    **CONFIGS,
+    # fast-fashion-mnist's model: the CCT tokenizer (3x3 conv + max-pool stages)
+    "conv-pool": dict(image_size=28, channels=1, num_classes=10, patch_size=4, patch_embed="conv-pool", depth=6,
+                      heads=4, dim=128, mlp_dim=256),
+}
 
 
 class TutorialViT(nn.Module):
@@ -95,15 +101,24 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """The machine kind a number belongs to: CPU model (with its family and model numbers,
+    since a virtual machine may name only the vendor), vector ISA torch uses, native bf16."""
+    from vitlab.autotune import cpu_model
+    from vitlab.runtime import native_bf16
+
+    cpu, ids = cpu_model(), {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key = line.split(":", 1)[0].strip()
+            if key in ("cpu family", "model") and key not in ids:
+                ids[key] = line.split(":", 1)[1].strip()
     except OSError:
         pass
-    desc = f"{cpu}, {torch.get_num_threads()} threads"
+    if ids:
+        cpu += f" (family {ids.get('cpu family', '?')} model {ids.get('model', '?')})"
+    isa = torch.backends.cpu.get_cpu_capability()
+    desc = (f"{cpu}, {isa}, native bf16 {'yes' if native_bf16(torch.device('cpu')) else 'no'}, "
+            f"{torch.get_num_threads()} threads")
     if torch.cuda.is_available():
         desc = f"{torch.cuda.get_device_name()} (host: {desc})"
     return desc

@@ -22,8 +22,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, append_results, build_peer, command_line, machine, median, timed  # noqa: E402
 
+from vitlab import autotune  # noqa: E402
 from vitlab.model import Kernels, ViT, ViTConfig  # noqa: E402
-from vitlab.runtime import autocast, keep_freed_memory, matmul_peak, resolve_attention  # noqa: E402
+from vitlab.runtime import autocast, keep_freed_memory, matmul_peak  # noqa: E402
 from vitlab.train import apply_gradients, build_optimizer, loss_and_logits  # noqa: E402
 
 IMPLS = ["vitlab", "timm", "vit-pytorch", "tutorial"]
@@ -32,8 +33,10 @@ IMPLS = ["vitlab", "timm", "vit-pytorch", "tutorial"]
 def make_step(name: str, cfg: dict, device: torch.device, amp: torch.dtype | None, compile_: bool):
     """A zero-argument callable running one training step on a fixed random batch."""
     torch.manual_seed(0)
-    if name == "vitlab":  # exactly the calls vitlab.train makes
-        model = ViT(ViTConfig(**cfg), Kernels(attention=resolve_attention("auto", device, amp))).to(device)
+    if name == "vitlab":  # exactly the calls vitlab.train makes: its kernels timed (autotune) at this precision
+        choice = autotune.choose(ViTConfig(**cfg), device, batch=BATCH, training=True,
+                                 precision="bf16" if amp is not None else "fp32")
+        model = ViT(ViTConfig(**cfg), choice.kernels()).to(device)
         opt = build_optimizer(model, 1e-3, 0.05)
     else:
         model = build_peer(name, cfg).to(device)

@@ -10,14 +10,22 @@ asks first, under a file lock, and shared.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
+# Kernel choices (vitlab.autotune) are cached per worker, never in the user's ~/.cache: within
+# a worker, runs that a test compares time nothing twice and compute the same way.
+os.environ["VITLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"vitlab-cache-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-")
+atexit.register(shutil.rmtree, os.environ["VITLAB_CACHE_DIR"], True)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"  # for the subprocesses tests start

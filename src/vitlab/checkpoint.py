@@ -36,6 +36,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from .autotune import choose
+from .config import DEFAULT_EVAL_BATCH
 from .errors import CheckpointError, ConfigError
 from .fileio import fsync_dir, read_bounded, sha256_file, temp_dir, write_synced
 from .model import Kernels, ViT, ViTConfig
@@ -261,9 +263,13 @@ def load_state(folder: Path) -> dict:
 def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu",
                     kernels: Kernels | None = None) -> tuple[ViT, ViTConfig]:
     """The model (in eval mode) and its config from a checkpoint folder. ``kernels``:
-    how it computes (default: the fastest for the device and precision of each call)."""
+    how it computes (default: those measured fastest on ``device`` for fp32 evaluation
+    batches, vitlab.autotune)."""
     meta = read_meta(Path(folder))
     check_weights_header(Path(folder), meta.model)  # before the model is allocated
+    if kernels is None:
+        kernels = choose(meta.model, torch.device(device), batch=DEFAULT_EVAL_BATCH, training=False,
+                         precision="fp32").kernels()
     model = ViT(meta.model, kernels)
     load_weights(Path(folder), model)
     return model.to(device).eval(), meta.model

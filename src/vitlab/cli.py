@@ -168,7 +168,8 @@ def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, devi
     from .report import per_class_table, results_table
 
     ev = evaluation(checkpoint, data_dir=data_dir, download=download, device=device, batch_size=batch_size)
-    click.echo(results_table(ev.results) + "\n\nPer-class accuracy (test):\n\n" + per_class_table(ev.confusion, ev.classes))
+    click.echo(f"computed on {ev.computed}\n\n" + results_table(ev.results) + "\n\nPer-class accuracy (test):\n\n"
+               + per_class_table(ev.confusion, ev.classes))
 
 
 @cli.command()

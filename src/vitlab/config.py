@@ -65,8 +65,8 @@ class TrainConfig(ArchConfig):
     tta_flip: bool = option(False, "final evaluation (results table, predictions, vitlab evaluate) averages the logits of each image and its mirror image; per-epoch validation stays single-view")
     # --- runtime
     device: str = option("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    precision: str = option("auto", "'auto' (bf16 where the device computes it natively), 'bf16' or 'fp32'", choices=("auto", "bf16", "fp32"))
-    attention: str = option("auto", "attention kernel: 'sdpa', 'explicit', or 'auto' (fastest measured for the device)", choices=ATTENTION_KERNELS)
+    precision: str = option("auto", "'auto' (where the device computes bf16 natively, the faster of bf16 and fp32, timed at the start; elsewhere fp32), 'bf16' or 'fp32'", choices=("auto", "bf16", "fp32"))
+    attention: str = option("auto", "attention kernel: 'sdpa', 'explicit', or 'auto' (the faster for this model on this machine, timed at the start and cached)", choices=ATTENTION_KERNELS)
     compile: bool = option(False, "compile the model with torch.compile")
     cls_only_last_block: bool = option(True, "the last block computes the class token's output only, the one the head reads: the same logits for less work (pool cls)")
     eval_batch_size: int = option(DEFAULT_EVAL_BATCH, "batch size for evaluation (on the 2-core CPU, 256 ran 25-40% faster than 1024)")

@@ -21,8 +21,9 @@ from .config import DEFAULT_EVAL_BATCH, TrainConfig
 from .data import DatasetSplits, load_dataset
 from .errors import CheckpointError, DataError
 from .fileio import printable
-from .model import Kernels, ViT
-from .runtime import autocast, keep_freed_memory, resolve_attention, resolve_device, resolve_precision
+from .autotune import Choice, choose
+from .model import ViT
+from .runtime import autocast, keep_freed_memory, resolve_device
 
 
 @torch.inference_mode()
@@ -78,6 +79,7 @@ class Predictor:
     normalize: Normalize
     device: torch.device
     amp_dtype: torch.dtype | None
+    choice: Choice | None = None  # how its kernels were chosen
 
     @property
     def classes(self) -> list[str]:
@@ -90,16 +92,17 @@ class Predictor:
 
 
 def load_predictor(checkpoint: Path, device: str = "auto", precision: str = "auto") -> Predictor:
-    """A verified checkpoint on ``device``, computing with the fastest kernel there."""
+    """A verified checkpoint on ``device``, computing with the kernels and precision measured
+    fastest there for evaluation batches (autotune; ``precision`` other than auto is kept)."""
     checkpoint = Path(checkpoint)
     meta = read_meta(checkpoint)
     check_weights_header(checkpoint, meta.model)
     dev = resolve_device(device)
     keep_freed_memory(dev)
-    amp = resolve_precision(precision, dev)
-    model = ViT(meta.model, Kernels(attention=resolve_attention("auto", dev, amp)))
+    choice = choose(meta.model, dev, batch=DEFAULT_EVAL_BATCH, training=False, precision=precision)
+    model = ViT(meta.model, choice.kernels())
     load_weights(checkpoint, model)
-    return Predictor(meta, model.to(dev).eval(), Normalize(meta.mean, meta.std, dev), dev, amp)
+    return Predictor(meta, model.to(dev).eval(), Normalize(meta.mean, meta.std, dev), dev, choice.amp_dtype, choice)
 
 
 def checkpoint_data(checkpoint: Path, meta: CheckpointMeta, data_dir: str | None = None,

@@ -163,10 +163,13 @@ class Kernels:
     dtype of each call (``runtime.fastest_attention``; on CPU under bf16, SDPA falls back to
     a path 2.5x slower). ``cls_only_last_block``: with a class token, the head reads only
     that token, so the last block computes only its output: the same logits for an eighth
-    fewer FLOPs at depth 6 (a 19% faster training step on the 2-core CPU)."""
+    fewer FLOPs at depth 6 (a 19% faster training step on the 2-core CPU).
+    ``channels_last``: the conv-pool tokenizer keeps its feature maps in NHWC.
+    ``vitlab.autotune`` picks these by timing them on the machine at hand."""
 
     attention: str = "auto"
     cls_only_last_block: bool = True
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_KERNELS:
@@ -188,12 +191,16 @@ def diagonal_shifts(x: torch.Tensor, s: int) -> torch.Tensor:
 
 
 class ChannelsLast(nn.Module):
-    """Switch feature maps to NHWC. Measured on the 2-core CPU (batch 256, 64 channels
-    at 28x28): max-pooling takes 40 ms in NCHW and 3.5 ms in NHWC, and the conv-pool
-    tokenizer's forward 89 ms against 51 ms."""
+    """Switch feature maps to NHWC when ``kernels.channels_last`` says so. Measured on the
+    2-core CPU (batch 256, 64 channels at 28x28): max-pooling takes 40 ms in NCHW and 3.5 ms
+    in NHWC, and the conv-pool tokenizer's forward 89 ms against 51 ms."""
+
+    def __init__(self, kernels: Kernels):
+        super().__init__()
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=torch.channels_last) if self.kernels.channels_last else x
 
 
 class PatchEmbed(nn.Module):
@@ -206,8 +213,9 @@ class PatchEmbed(nn.Module):
     LayerNorm and a linear projection; ``conv-stem`` runs a 3x3 convolution first.
     """
 
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, kernels: Kernels | None = None):
         super().__init__()
+        kernels = kernels or Kernels()
         self.patch_size = cfg.patch_size
         self.kind = cfg.patch_embed
         patch_dim = cfg.channels * cfg.patch_size**2
@@ -224,11 +232,11 @@ class PatchEmbed(nn.Module):
         else:  # conv-pool: the last stage's conv is `proj`, the earlier stages are the stem
             stages, c = [], cfg.channels
             for _ in range(cfg.conv_pool_stages - 1):
-                stages += [nn.Conv2d(c, cfg.dim // 2, 3, padding=1), ChannelsLast(), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+                stages += [nn.Conv2d(c, cfg.dim // 2, 3, padding=1), ChannelsLast(kernels), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
                 c = cfg.dim // 2
             self.stem = nn.Sequential(*stages)
             self.proj = nn.Conv2d(c, cfg.dim, 3, padding=1)
-            self.pool = nn.Sequential(ChannelsLast(), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+            self.pool = nn.Sequential(ChannelsLast(kernels), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.patch_size
@@ -396,7 +404,7 @@ class ViT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.kernels = kernels or Kernels()
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = PatchEmbed(cfg, self.kernels)
         # The class token exists only when it feeds the head.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))

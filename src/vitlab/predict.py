@@ -17,6 +17,7 @@ class Evaluation:
     results: dict[str, tuple[float, float]]  # split -> (loss, accuracy)
     confusion: torch.Tensor  # test set: (true, predicted) counts
     classes: list[str]
+    computed: str = ""  # device, precision and kernels, and how they were chosen
 
 
 def evaluation(checkpoint: Path, data_dir: str | None = None, download: bool | None = None, device: str = "auto",
@@ -32,7 +33,8 @@ def evaluation(checkpoint: Path, data_dir: str | None = None, download: bool | N
     results = {split: evaluate(predictor.model, subset, **ev) for split, subset in (("Train", data.train), ("Val", data.val))}
     test_logits = predict_logits(predictor.model, data.test.images, **ev).cpu()
     results["Test"] = loss_and_accuracy(test_logits, data.test.labels)
-    return Evaluation(results, confusion_matrix(test_logits.argmax(1), data.test.labels, len(data.classes)), data.classes)
+    return Evaluation(results, confusion_matrix(test_logits.argmax(1), data.test.labels, len(data.classes)), data.classes,
+                      f"{predictor.device.type} {predictor.choice.describe() if predictor.choice else ''}".strip())
 
 
 def evaluate_checkpoint(checkpoint: Path, data_dir: str | None = None, download: bool | None = None,

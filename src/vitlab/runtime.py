@@ -53,8 +53,10 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def fastest_attention(device: torch.device, amp_dtype: torch.dtype | None) -> str:
-    """The attention kernel measured fastest (benchmarks/train_step.py, variants.py): on CPU
-    under bf16 autocast, SDPA falls back to a slow path and explicit matmuls win."""
+    """The rule of thumb, from benchmarks/train_step.py and variants.py on two CPUs: on CPU
+    under bf16 autocast, SDPA falls back to a slow path and explicit matmuls win. A model
+    built from Python with ``attention="auto"`` follows it at each call; ``vitlab train``,
+    ``predict``, ``evaluate`` and ``load_checkpoint`` time the candidates instead (autotune)."""
     if device.type == "cpu" and amp_dtype is not None:
         return "explicit"
     return "sdpa"

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Iterator
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import errors, report, rundir
+from . import autotune, errors, report, rundir
 from .augment import BatchAugment, Normalize, mix_batch
 from . import budget as budgets
 from .budget import Plan, format_duration, parse_duration
@@ -218,6 +218,7 @@ class Runtime:
     amp_dtype: torch.dtype | None
     kernels: Kernels
     dist: Dist | None = None
+    choice: autotune.Choice | None = None  # how the kernels were chosen (autotune)
 
     @classmethod
     def setup(cls, cfg: TrainConfig) -> "Runtime":
@@ -283,9 +284,31 @@ class Runtime:
                  tta_flip: bool = False) -> tuple[float, float]:
         return loss_and_accuracy(self.logits(model, split.images, normalize, batch_size, tta_flip), split.labels)
 
+    def use(self, choice: autotune.Choice) -> None:
+        """Compute as ``choice`` says (precision, attention kernel, layout) from here on."""
+        self.choice, self.amp_dtype = choice, choice.amp_dtype
+        self.kernels = choice.kernels(self.kernels.cls_only_last_block)
+
     def describe(self) -> str:
         where = f" x {self.dist.world} processes" if self.dist else ""
-        return f"{self.device.type}{where} {'bf16' if self.amp_dtype else 'fp32'} {self.kernels.attention}"
+        how = self.choice.describe() if self.choice else f"{'bf16' if self.amp_dtype else 'fp32'} {self.kernels.attention}"
+        return f"{self.device.type}{where} {how}"
+
+
+def choose_kernels(cfg: TrainConfig, data: DatasetSplits, rt: Runtime, checkpoint: Path | None) -> autotune.Choice:
+    """Precision, attention kernel and layout for this run: a resumed run keeps what its
+    checkpoint trained with (its numbers continue exactly); a new one times the candidates
+    the flags leave open (autotune), or takes them from the cache."""
+    model_cfg = build_model_config(cfg, data)
+    if checkpoint is not None:
+        options = autotune.candidates(model_cfg, rt.device, cfg.attention, cfg.precision)
+        saved = autotune.Choice.from_dict(read_meta(checkpoint, verify=False).extra.get("kernels"), options)
+        # a checkpoint from before autotune trained with the rule of thumb, the first candidate
+        return replace(saved or options[0], source="resumed")
+    world = rt.dist.world if rt.dist else 1
+    batch = max(1, min(cfg.batch_size, len(data.train) // world * world) // world)
+    return autotune.choose(model_cfg, rt.device, batch=batch, training=True, attention=cfg.attention,
+                           precision=cfg.precision, cls_only_last_block=cfg.cls_only_last_block)
 
 
 @dataclass
@@ -612,7 +635,8 @@ def raise_if_nonfinite(run: Run, parts: Parts, state: TrainState, rt: Runtime) -
 
 def save_last(run: Run, parts: Parts, state: TrainState, rt: Runtime) -> None:
     raise_if_nonfinite(run, parts, state, rt)  # never overwrite a good checkpoint with poisoned weights
-    parts.meta.extra = {"epoch": state.epoch, "batch": state.batch, "step": state.step}
+    parts.meta.extra = {"epoch": state.epoch, "batch": state.batch, "step": state.step,
+                        **({"kernels": rt.choice.to_dict()} if rt.choice else {})}
     payload = state.to_dict(parts, rt)  # on every rank: its epoch sums are a collective
     if rt.main:
         save_checkpoint(run.dir / "last", parts.model, parts.meta, parts.config_yaml, payload)
@@ -751,7 +775,8 @@ def end_epoch(run: Run, parts: Parts, state: TrainState, data: DatasetSplits, rt
     improved = epoch_best > state.best_val_acc  # the same on every rank: the logits are gathered
     if improved:  # the best weights of the run, raw or averaged
         state.best_val_acc = epoch_best
-        parts.meta.extra = {"epoch": state.epoch, "step": state.step, "val_acc": epoch_best, "weights": kind}
+        parts.meta.extra = {"epoch": state.epoch, "step": state.step, "val_acc": epoch_best, "weights": kind,
+                            **({"kernels": rt.choice.to_dict()} if rt.choice else {})}
     if rt.main:
         report.append_metrics(run.dir / "metrics.csv", state.rows)
         if improved:
@@ -804,6 +829,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
                 load()
             data = loaded["data"]
         check_same_data(run, data, rt)
+        rt.use(rt.on_main(lambda: choose_kernels(cfg, data, rt, run.checkpoint)))  # the same on every rank
         parts = Parts.build(cfg, data, rt)
         if cfg.time_budget and resume is None:  # a resumed run keeps the steps decided at its start
             run.plan = rt.on_main(lambda: plan_budget(cfg, parts, data, rt, clock_origin))
@@ -917,7 +943,9 @@ def write_report(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state
         "throughput": f"{images_per_second:,.0f} training images/s",
         "validation": "the test set" if data.val_is_test else f"{len(data.val)} images held out of train (fixed seed)",
         "model": f"{model.num_params():,} parameters, {model.cfg.num_patches} patches of {model.cfg.patch_size}x{model.cfg.patch_size}",
-        "device": f"{rt.describe()} attention" + (" (bf16 autocast)" if rt.amp_dtype else ""),
+        "device": f"{rt.describe()} attention" + (" (bf16 autocast)" if rt.amp_dtype else "") + (
+            "; timed: " + ", ".join(f"{k} {v:.1f} ms" for k, v in rt.choice.ms.items()) if rt.choice and rt.choice.ms
+            else ""),
         "code": code,
         "config": "config.yaml",
         "figures": "[loss_curve.png](loss_curve.png), [predictions.png](predictions.png), "
@@ -939,7 +967,7 @@ def write_report(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state
         "best_epoch": extra.get("epoch", 0), "best_val_acc": extra.get("val_acc"), "epochs": len(state.rows),
         "planned_epochs": cfg.epochs, "train_seconds": train_seconds, "images_per_second": images_per_second,
         "classes": list(data.classes), "confusion": confusion.tolist(), "time_budget": budget,
-        "code": code})
+        "kernels": rt.choice.to_dict() if rt.choice else None, "code": code})
     if state.rows:
         report.plot_curves(state.rows, run.dir / "loss_curve.png", title)
     # The grid: the first test images, then the first mistakes among the rest (up to 8).

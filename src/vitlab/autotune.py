@@ -1,0 +1,238 @@
+"""Kernel choices by measurement: what ``auto`` means for attention, precision and layout.
+
+Which attention kernel (SDPA or explicit matmuls), which precision (bf16 or fp32, where the
+device computes both natively) and which feature-map layout (NHWC or NCHW, for the conv-pool
+tokenizer) is fastest depends on the CPU or GPU, the thread count, the torch version and the
+shapes; a rule written on one machine is wrong on the next (issue 18: SDPA under bf16 ran 2.5x
+slower than explicit matmuls on one CPU). So each correct candidate is timed for the real
+model, a few steps each, and the fastest is kept. The choice is cached per device
+fingerprint, shapes, precision request and torch version in the user's cache folder
+(``$VITLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitlab``, else ``~/.cache/vitlab``): timing
+costs at most about 2 s when nothing is cached and nothing when it is. A flag the user gave
+(``--attention sdpa``, ``--precision fp32``) is never second-guessed. A cache file that does
+not parse, or holds a choice that is not a candidate, is ignored and rewritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .fileio import atomic_write_text, read_bounded
+from .model import Kernels, ViT, ViTConfig, flops_per_image
+from .runtime import autocast, fastest_attention, native_bf16, resolve_precision, synchronize
+
+CACHE_FILE = "kernels.json"
+CACHE_LIMIT = 1 << 20  # bytes read from the cache file at most
+CACHE_ENTRIES = 256  # the newest kept
+SECONDS = 2.0  # the most the timing may take when nothing is cached
+STEP_SECONDS = 0.08  # the aim for one timed step on a CPU: the batch is cut down to about this
+PRECISIONS = ("bf16", "fp32")
+ATTENTIONS = ("sdpa", "explicit")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How the model will compute here, and how that was decided."""
+
+    attention: str  # "sdpa" or "explicit"
+    precision: str  # "bf16" or "fp32"
+    channels_last: bool
+    source: str = "fixed"  # "measured", "cached" or "fixed" (one candidate: flags or the device decided)
+    ms: dict[str, float] = field(default_factory=dict)  # each timed candidate's step, in milliseconds
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.precision == "bf16" else None
+
+    def kernels(self, cls_only_last_block: bool = True) -> Kernels:
+        return Kernels(self.attention, cls_only_last_block, self.channels_last)
+
+    def describe(self) -> str:
+        return f"{label(self)} ({self.source})"
+
+    def to_dict(self) -> dict:
+        return {"attention": self.attention, "precision": self.precision, "channels_last": self.channels_last,
+                "source": self.source, "ms": dict(self.ms)}
+
+    @classmethod
+    def from_dict(cls, d: object, candidates: list["Choice"]) -> "Choice | None":
+        """A saved choice, if it is one of ``candidates``; None for anything else."""
+        if not isinstance(d, dict):
+            return None
+        for c in candidates:
+            if (d.get("attention"), d.get("precision"), d.get("channels_last")) == (c.attention, c.precision,
+                                                                                    c.channels_last):
+                ms = d.get("ms")
+                ms = {str(k): float(v) for k, v in ms.items() if isinstance(v, (int, float))} \
+                    if isinstance(ms, dict) and len(ms) <= 16 else {}
+                return replace(c, ms=ms)
+        return None
+
+
+# ------------------------------------------------------------------ candidates
+
+def candidates(model_cfg: ViTConfig, device: torch.device, attention: str = "auto", precision: str = "auto",
+               channels_last: bool | None = None) -> list[Choice]:
+    """Every correct combination for what the user left to ``auto``; the rule-of-thumb one first."""
+    amp = resolve_precision(precision, device)  # raises for what the device cannot do
+    if precision == "auto" and native_bf16(device):
+        precisions = ["bf16", "fp32"]
+    else:
+        precisions = ["bf16" if amp is not None else "fp32"]
+    layouts = [True, False] if channels_last is None and model_cfg.patch_embed == "conv-pool" else \
+        [True if channels_last is None else bool(channels_last)]
+    out = []
+    for p in precisions:
+        dtype = torch.bfloat16 if p == "bf16" else None
+        rule = fastest_attention(device, dtype)
+        attentions = [rule] + [a for a in ATTENTIONS if a != rule] if attention == "auto" else [attention]
+        out += [Choice(a, p, cl) for a in attentions for cl in layouts]
+    return out
+
+
+# ------------------------------------------------------------------ the cache
+
+def cache_dir() -> Path:
+    if os.environ.get("VITLAB_CACHE_DIR"):
+        return Path(os.environ["VITLAB_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "vitlab"
+
+
+def device_fingerprint(device: torch.device) -> dict:
+    """What decides which kernel is fastest, apart from the shapes."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        name = torch.cuda.get_device_name(index)
+        extra = {"capability": ".".join(map(str, torch.cuda.get_device_capability(index))),
+                 "cuda": torch.version.cuda}
+    else:
+        name, extra = cpu_model(), {"threads": torch.get_num_threads()}
+    return {"device": device.type, "name": name, **extra, "torch": torch.__version__}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what the platform module knows."""
+    try:
+        for line in read_bounded(Path("/proc/cpuinfo"), 4 << 20).decode(errors="replace").splitlines():
+            if line.split(":", 1)[0].strip() in ("model name", "Model", "Hardware"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, ValueError):
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cache_key(fingerprint: dict, model_cfg: ViTConfig, batch: int, training: bool, cls_only_last_block: bool,
+              options: list[Choice]) -> str:
+    what = {"fingerprint": fingerprint, "model": model_cfg.to_dict(), "batch": batch, "training": training,
+            "cls_only_last_block": cls_only_last_block,
+            "candidates": [(c.attention, c.precision, c.channels_last) for c in options]}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+
+def read_cache(path: Path) -> dict:
+    """The cache's entries; {} for a missing, oversized or malformed file (never trusted)."""
+    try:
+        data = json.loads(read_bounded(path, CACHE_LIMIT))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) and data.get("version") == 1 else None
+    return {k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, dict)} \
+        if isinstance(entries, dict) else {}
+
+
+def write_cache(path: Path, key: str, choice: Choice, fingerprint: dict) -> None:
+    """Add one entry (atomically; a cache that cannot be written is not an error)."""
+    try:
+        entries = read_cache(path)
+        entries.pop(key, None)
+        entries[key] = {**choice.to_dict(), "fingerprint": fingerprint, "time": time.time()}
+        kept = dict(list(entries.items())[-CACHE_ENTRIES:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps({"version": 1, "entries": kept}, indent=1, default=str))
+    except OSError:
+        pass
+
+
+# ------------------------------------------------------------------ timing
+
+def choose(model_cfg: ViTConfig, device: torch.device, *, batch: int, training: bool, attention: str = "auto",
+           precision: str = "auto", channels_last: bool | None = None, cls_only_last_block: bool = True,
+           use_cache: bool = True) -> Choice:
+    """The fastest correct way to compute ``model_cfg`` on ``device`` for batches of ``batch``
+    (a training step when ``training``, else a forward pass), from the cache or timed now."""
+    options = candidates(model_cfg, device, attention, precision, channels_last)
+    if len(options) == 1:
+        return options[0]
+    fingerprint = device_fingerprint(device)
+    key = cache_key(fingerprint, model_cfg, batch, training, cls_only_last_block, options)
+    path = cache_dir() / CACHE_FILE
+    if use_cache:
+        cached = Choice.from_dict(read_cache(path).get(key), options)
+        if cached is not None:
+            return replace(cached, source="cached")
+    choice = measure(model_cfg, device, options, batch, training, cls_only_last_block)
+    if use_cache:
+        write_cache(path, key, choice, fingerprint)
+    return choice
+
+
+def measure(model_cfg: ViTConfig, device: torch.device, options: list[Choice], batch: int, training: bool,
+            cls_only_last_block: bool = True, seconds: float = SECONDS, rounds: int = 3,
+            images: int | None = None) -> Choice:
+    """Time each option on one model with random weights and images; the random streams
+    of the caller are left as they were. Options are timed in rounds (each its fastest),
+    so that a machine that slows down mid-way slows all of them alike; the rounds stop
+    at ``seconds``. ``images``: the batch to time (default: ``batch``, cut down on a CPU)."""
+    deadline = time.perf_counter() + seconds
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        kernels = options[0].kernels(cls_only_last_block)
+        model = ViT(model_cfg, kernels).to(device).train(training)
+        # on a CPU the images of a step are cut to about STEP_SECONDS of work at 25 GFLOP/s a thread (the
+        # per-image cost of each kernel barely depends on the batch there); a GPU gets the real batch
+        n = images or batch if device.type != "cpu" or images else max(1, min(batch, round(
+            STEP_SECONDS * 25e9 * torch.get_num_threads() / flops_per_image(model_cfg, training, cls_only_last_block))))
+        x = torch.randn(n, model_cfg.channels, model_cfg.image_size, model_cfg.image_size, device=device)
+        y = torch.randint(0, model_cfg.num_classes, (n,), device=device)
+        best = [float("inf")] * len(options)
+
+        def step(c: Choice) -> float:
+            kernels.attention, kernels.channels_last = c.attention, c.channels_last
+            synchronize(device)
+            t = time.perf_counter()
+            if training:
+                with autocast(device, c.amp_dtype):
+                    loss = F.cross_entropy(model(x).float(), y)
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+            else:
+                with torch.inference_mode(), autocast(device, c.amp_dtype):
+                    model(x)
+            synchronize(device)
+            return time.perf_counter() - t
+
+        for c in options:  # warm-up: first calls allocate, pick oneDNN primitives, cast weights
+            step(c)
+        for _ in range(rounds):
+            for i, c in enumerate(options):
+                best[i] = min(best[i], step(c))
+            if time.perf_counter() > deadline:
+                break
+    fastest = min(range(len(options)), key=best.__getitem__)
+    ms = {label(c): 1e3 * t * batch / n for c, t in zip(options, best)}  # per step of the real batch, estimated
+    return replace(options[fastest], source="measured", ms=ms)
+
+
+def label(c: Choice) -> str:
+    """'fp32 sdpa', 'bf16 explicit NCHW' (the layout named only when it is not the default NHWC)."""
+    return f"{c.precision} {c.attention}" + ("" if c.channels_last else " NCHW")
