@@ -145,6 +145,19 @@ def test_a_budget_plan_fills_the_time_left_with_whole_epochs_then_a_partial_one(
     assert budgets.plan(budget, 0.1, 1e-3, 100, 1000, 0, 1, 1, max_steps=40, since=time.perf_counter()).steps == 40
 
 
+def test_a_budget_is_replanned_from_the_runs_own_pace_at_set_shares_of_it():
+    plan = budgets.plan(100.0, 0.1, 1e-3, 100, 1000, 0, 1, 1, max_steps=10**9, since=time.perf_counter())
+    assert plan.steps == 811
+    assert plan.replan(80, 0.2, 20.0) is None  # before 10% of the run
+    # at step 90, 30 s in, the run has kept 0.2 s a step: (96 - 30 - 5.832) / 0.2 more steps
+    assert plan.replan(90, 0.2, 30.0) == 90 + int((96 - 30 - 5.832) / 0.2) == 390
+    assert plan.replan(95, 0.2, 31.0) is None  # the next share is 25% of the new length
+    assert plan.replan(200, 0.2, 72.0) == 200 + int((96 - 72 - 5.832) / 0.2) == 290  # past 25% and 50%: one re-plan
+    assert plan.replan(290, 0.3, 95.0) == 290  # past 75%, out of time: the run ends where it is
+    assert plan.replan(291, 0.3, 95.0) is None and len(plan.revisions) == 3  # no share of the run is left
+    assert "811 steps fit" in plan.describe() and plan.describe().count("re-planned at step") == 3
+
+
 def test_a_run_fits_its_time_budget_and_resumes_with_its_decision(tmp_path):
     budget = 20.0
     cmd = [sys.executable, "-m", "vitlab", "train", "--out", str(tmp_path), "--name", "b", "--time-budget", "20s",

@@ -9,12 +9,13 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
 _UNITS = {"s": 1, "m": 60, "h": 3600}
 SAFETY = 0.96  # aim at 96% of the budget: the measured speed drifts by a few per cent on a shared machine
+REPLAN_AT = (0.1, 0.25, 0.5, 0.75)  # shares of the run after which the step count is re-planned from its own pace
 REPORT_SECONDS = 5.0  # drawing the figures, results.md, the last checkpoint: the part that does not scale with the model
 # attention.png explains 32 test images: a forward and backward pass and 22 forward passes of its deletion
 # scores per image, about 26 evaluations of each of them
@@ -77,6 +78,9 @@ class Plan:
     final_seconds: float  # the final evaluation of every split and the report
     started: float  # seconds since the process started when the plan was made
     steps: int  # optimizer steps of the run; the last epoch is partial when they are not whole epochs
+    revisions: list[str] = field(default_factory=list)  # what each re-plan saw and decided
+    latest: int = 0  # the step count as last re-planned (0: as planned)
+    next_check: int = 0  # index into REPLAN_AT of the next re-plan
 
     @property
     def epochs(self) -> int:
@@ -90,6 +94,23 @@ class Plan:
     def predicted(self) -> float:
         return self.started + self.steps * self.step_seconds + self.epochs * self.epoch_end_seconds + self.final_seconds
 
+    def replan(self, step: int, seconds_per_step: float, elapsed: float) -> int | None:
+        """At the end of an epoch: once the run has passed the next share of REPLAN_AT, the
+        step count that the pace measured so far (``seconds_per_step``, epoch ends included)
+        fits into what is left of the budget after ``elapsed`` seconds; None between re-plans.
+        One timing at the start can be off by 20% on a shared machine; the run's own pace is not."""
+        current = self.latest or self.steps
+        if self.next_check >= len(REPLAN_AT) or step < REPLAN_AT[self.next_check] * current:
+            return None
+        while self.next_check < len(REPLAN_AT) and step >= REPLAN_AT[self.next_check] * current:
+            self.next_check += 1
+        left = self.budget * SAFETY - elapsed - self.final_seconds
+        steps = max(step, step + math.floor(left / max(seconds_per_step, 1e-9)))
+        self.revisions.append(f"at step {step} ({format_duration(elapsed)} in): {1e3 * seconds_per_step:.1f} ms per "
+                              f"step with the epoch ends, so {steps} steps instead of {current}")
+        self.latest = steps
+        return steps
+
     def describe(self) -> str:
         whole, rest = divmod(self.steps, self.steps_per_epoch)
         shape = f"{whole} epochs" + (f" and {rest} of the {self.steps_per_epoch} steps of one more" if rest else "")
@@ -97,7 +118,7 @@ class Plan:
                 f"{1e6 * self.eval_seconds_per_image:.0f} us per evaluated image, so an epoch takes about "
                 f"{self.epoch_seconds:.1f} s and the final report {self.final_seconds:.1f} s; after "
                 f"{self.started:.1f} s of start-up, {self.steps} steps fit: {shape} (predicted end at "
-                f"{format_duration(self.predicted)})")
+                f"{format_duration(self.predicted)})" + "".join(f"\nre-planned {r}" for r in self.revisions))
 
 
 def plan(budget: float, step_seconds: float, eval_seconds_per_image: float, steps_per_epoch: int, val_images: int,

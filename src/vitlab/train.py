@@ -322,6 +322,7 @@ class Run:
     board: Board | None = None  # TensorBoard (rank 0)
     plan: Plan | None = None  # the --time-budget decision
     clock_origin: float = 0.0  # the time.perf_counter() a --time-budget counts from
+    paced_from: tuple[float, int] = (0.0, 0)  # (time.perf_counter(), step) when this session's training began
 
     @staticmethod
     def initial_config(cfg: TrainConfig | None, resume: str | Path | None) -> TrainConfig:
@@ -349,8 +350,10 @@ class Run:
                 if ckpt.name != "last":  # recover() falls back to last.prev only when last/ is missing or damaged
                     log(f"note: {printable(run_dir / 'last')} is missing or damaged; resuming from {ckpt.name}")
                 checked = TrainConfig.load_yaml(ckpt / "config.yaml")  # covered by the manifest's checksums
+                # a --time-budget run re-plans its length as it goes: the checkpoint's is the one it continues
+                ignore = RUNTIME_FIELDS + (("max_steps", "epochs") if checked.time_budget else ())
                 for what, other in ((f"{run_dir / 'config.yaml'} differs from", saved), ("this config differs from", cfg)):
-                    changed = other.differences(checked)
+                    changed = other.differences(checked, ignore)
                     if changed:
                         raise CheckpointError(f"{what} the checksummed copy in {ckpt.name}/ in {', '.join(changed)}; "
                                               f"--resume continues the run as it started (start a new run to change it)")
@@ -364,6 +367,9 @@ class Run:
     def create(self, overwrite: bool) -> None:
         name = self.cfg.name or f"{self.cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         self.dir, self.lock = rundir.create(self.cfg, name, overwrite)
+        self.save_config()
+
+    def save_config(self) -> None:
         self.cfg.save_yaml(self.dir / "config.yaml", note=self.plan.describe() if self.plan else None)
 
     def resume_command(self) -> str:
@@ -769,6 +775,8 @@ def end_epoch(run: Run, parts: Parts, state: TrainState, data: DatasetSplits, rt
                                                               cfg.eval_batch_size)
         candidates["ema"] = (row["val_ema_acc"], parts.ema.model)
     state.rows.append(row)
+    if run.plan is not None:  # before the checkpoints below, which then carry the new length
+        replan_budget(run, parts, state, rt, log)
     if run.board is not None:
         run.board.epoch(row)
     kind, (epoch_best, best_model) = max(candidates.items(), key=lambda kv: kv[1][0])
@@ -783,9 +791,28 @@ def end_epoch(run: Run, parts: Parts, state: TrainState, data: DatasetSplits, rt
             save_checkpoint(run.dir / "best", best_model, parts.meta, parts.config_yaml)
     save_last(run, parts, state, rt)
     ema_text = f" | ema val acc {row['val_ema_acc']:.4f}" if parts.ema is not None else ""
-    log(f"epoch {state.epoch:>3}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
+    log(f"epoch {state.epoch:>3}/{run.cfg.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
         f" | val loss {val_loss:.4f} acc {val_acc:.4f}{ema_text}{' *' if improved else ''}"
         f" | {epoch_seconds:.1f}s {seen / max(epoch_seconds, 1e-9):,.0f} img/s")
+
+
+def replan_budget(run: Run, parts: Parts, state: TrainState, rt: Runtime, log: Callable[[str], None]) -> None:
+    """--time-budget: at the shares budget.REPLAN_AT of the run, fit its step count to the pace
+    it has kept so far (the writing process decides, every rank follows; the schedule stretches
+    or shrinks from here). The checkpoint that follows and config.yaml record the new length."""
+    def decide() -> int | None:
+        t0, s0 = run.paced_from
+        now = time.perf_counter()
+        return run.plan.replan(state.step, (now - t0) / max(1, state.step - s0), now - run.clock_origin)
+
+    steps = rt.on_main(decide)
+    if steps is None or steps == parts.total_steps:
+        return
+    run.cfg = run.cfg.replace(max_steps=steps, epochs=-(-steps // parts.steps_per_epoch))
+    parts.reschedule(run.cfg)
+    if rt.main:
+        run.save_config()
+        log(f"time budget: re-planned {run.plan.revisions[-1]}")
 
 
 # --------------------------------------------------------------------- train
@@ -833,6 +860,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
         parts = Parts.build(cfg, data, rt)
         if cfg.time_budget and resume is None:  # a resumed run keeps the steps decided at its start
             run.plan = rt.on_main(lambda: plan_budget(cfg, parts, data, rt, clock_origin))
+            run.clock_origin = clock_origin
             length = run.plan.steps / parts.steps_per_epoch
             cfg = cfg.replace(max_steps=run.plan.steps, warmup_epochs=min(cfg.warmup_epochs, length / 5))
             log(run.plan.describe())
@@ -860,11 +888,12 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
             def should_stop() -> bool:
                 return signalled.is_set() or (stop_when is not None and stop_when(state))
 
-            while state.epoch < cfg.epochs:
+            run.paced_from = (time.perf_counter(), state.step)
+            while state.epoch < run.cfg.epochs:  # a --time-budget run may re-plan its length at an epoch's end
                 t_epoch = time.perf_counter()
                 lr = train_epoch(run, parts, state, rt, should_stop, progress, log, peak)
                 end_epoch(run, parts, state, data, rt, lr, time.perf_counter() - t_epoch, log)
-                if rt.agree(should_stop()) and state.epoch < cfg.epochs:
+                if rt.agree(should_stop()) and state.epoch < run.cfg.epochs:
                     raise interrupted(run, rt, f"after epoch {state.epoch}, step {state.step}")
         train_seconds = state.seconds()  # the training itself: the final evaluation and report come after
         run.clock_origin = clock_origin
@@ -959,7 +988,7 @@ def write_report(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state
         budget = {"budget_s": limit, "used_s": used, "epochs": cfg.epochs, "steps": state.step}
         facts["time budget"] = (f"{format_duration(limit)}; this process ran {format_duration(used)} "
                                 f"({100 * used / limit:.0f}% of it) for {state.step} steps in {cfg.epochs} epochs"
-                                + (f" ({run.plan.describe()})" if run.plan else ""))
+                                + (f" ({run.plan.describe().replace(chr(10), '; ')})" if run.plan else ""))
     report.write_results(run.dir / "results.md", title, results, facts,
                          {"Per-class accuracy (test)": report.per_class_table(confusion, data.classes)})
     report.write_json(run.dir / "results.json", {
