@@ -24,7 +24,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .fileio import atomic_write_text, read_bounded
 from .model import Kernels, ViT, ViTConfig, flops_per_image
@@ -33,8 +32,8 @@ from .runtime import autocast, fastest_attention, native_bf16, resolve_precision
 CACHE_FILE = "kernels.json"
 CACHE_LIMIT = 1 << 20  # bytes read from the cache file at most
 CACHE_ENTRIES = 256  # the newest kept
-SECONDS = 2.0  # the most the timing may take when nothing is cached
-STEP_SECONDS = 0.08  # the aim for one timed step on a CPU: the batch is cut down to about this
+SECONDS = 1.8  # the timing stops here (building the model and warming up come on top: ~2 s in all)
+STEP_SECONDS = 0.1  # on a CPU, the batch of a timed pass (tokenizer and one block) is cut to about this much work
 PRECISIONS = ("bf16", "fp32")
 ATTENTIONS = ("sdpa", "explicit")
 
@@ -189,45 +188,63 @@ def choose(model_cfg: ViTConfig, device: torch.device, *, batch: int, training: 
 def measure(model_cfg: ViTConfig, device: torch.device, options: list[Choice], batch: int, training: bool,
             cls_only_last_block: bool = True, seconds: float = SECONDS, rounds: int = 3,
             images: int | None = None) -> Choice:
-    """Time each option on one model with random weights and images; the random streams
-    of the caller are left as they were. Options are timed in rounds (each its fastest),
-    so that a machine that slows down mid-way slows all of them alike; the rounds stop
-    at ``seconds``. ``images``: the batch to time (default: ``batch``, cut down on a CPU)."""
+    """Time each option on the model's tokenizer and one of its blocks, with random weights
+    and images, and estimate a step as tokenizer + depth x block: the candidates differ only
+    there, and one block at (nearly) the real batch is representative where a whole model at
+    a cut-down batch was not (benchmarks/kernel_choice.py: at 1-2 images the per-image cost
+    doubled, and the choice flipped). Options are timed in interleaved rounds (each its
+    fastest), so that a machine that slows down mid-way slows all alike; the rounds stop at
+    ``seconds``. The caller's random streams are left as they were. ``images``: the batch
+    to time (default: ``batch``, on a CPU cut to about STEP_SECONDS of work)."""
     deadline = time.perf_counter() + seconds
+    one = replace(model_cfg, depth=1)
+    timed_flops = flops_per_image(one, training)  # the tokenizer, one block and the head
+    if images:
+        n = images
+    elif device.type == "cpu":  # at 25 GFLOP/s a thread
+        n = max(1, min(batch, round(STEP_SECONDS * 25e9 * torch.get_num_threads() / timed_flops)))
+    else:
+        n = batch
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         kernels = options[0].kernels(cls_only_last_block)
-        model = ViT(model_cfg, kernels).to(device).train(training)
-        # on a CPU the images of a step are cut to about STEP_SECONDS of work at 25 GFLOP/s a thread (the
-        # per-image cost of each kernel barely depends on the batch there); a GPU gets the real batch
-        n = images or batch if device.type != "cpu" or images else max(1, min(batch, round(
-            STEP_SECONDS * 25e9 * torch.get_num_threads() / flops_per_image(model_cfg, training, cls_only_last_block))))
+        model = ViT(one, kernels).to(device).train(training)
+        block = model.blocks[0]
         x = torch.randn(n, model_cfg.channels, model_cfg.image_size, model_cfg.image_size, device=device)
-        y = torch.randint(0, model_cfg.num_classes, (n,), device=device)
-        best = [float("inf")] * len(options)
+        with torch.no_grad():
+            tokens = model.embed(x)
 
-        def step(c: Choice) -> float:
-            kernels.attention, kernels.channels_last = c.attention, c.channels_last
+        def timed(fn, c: Choice) -> float:
             synchronize(device)
             t = time.perf_counter()
             if training:
                 with autocast(device, c.amp_dtype):
-                    loss = F.cross_entropy(model(x).float(), y)
-                loss.backward()
+                    out = fn()
+                out.float().square().mean().backward()
                 model.zero_grad(set_to_none=True)
             else:
                 with torch.inference_mode(), autocast(device, c.amp_dtype):
-                    model(x)
+                    fn()
             synchronize(device)
             return time.perf_counter() - t
 
+        def step(c: Choice) -> float:
+            kernels.attention, kernels.channels_last = c.attention, c.channels_last
+            block_input = tokens.detach().requires_grad_(training)
+            return timed(lambda: model.embed(x), c) + model_cfg.depth * timed(lambda: block(block_input), c)
+
+        best = [float("inf")] * len(options)
+        t = time.perf_counter()
         for c in options:  # warm-up: first calls allocate, pick oneDNN primitives, cast weights
             step(c)
-        for _ in range(rounds):
+        round_seconds = time.perf_counter() - t
+        for r in range(rounds):  # at least one; another only if it fits before the deadline
+            t = time.perf_counter()
+            if r and t + round_seconds > deadline:
+                break
             for i, c in enumerate(options):
                 best[i] = min(best[i], step(c))
-            if time.perf_counter() > deadline:
-                break
+            round_seconds = time.perf_counter() - t
     fastest = min(range(len(options)), key=best.__getitem__)
     ms = {label(c): 1e3 * t * batch / n for c, t in zip(options, best)}  # per step of the real batch, estimated
     return replace(options[fastest], source="measured", ms=ms)

@@ -58,7 +58,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [1, 2])  # two moments (a third cost 25 s of the suite and found nothing new)
 def test_sigkill_at_a_random_moment_then_resume(tmp_path, uninterrupted, seed):
     proc = _start(tmp_path)
     _wait_for(tmp_path / "run" / "last", proc)
