@@ -34,7 +34,6 @@ CACHE_LIMIT = 1 << 20  # bytes read from the cache file at most
 CACHE_ENTRIES = 256  # the newest kept
 SECONDS = 1.8  # the timing stops here (building the model and warming up come on top: ~2 s in all)
 STEP_SECONDS = 0.1  # on a CPU, the batch of a timed pass (tokenizer and one block) is cut to about this much work
-PRECISIONS = ("bf16", "fp32")
 ATTENTIONS = ("sdpa", "explicit")
 
 
@@ -165,8 +164,7 @@ def write_cache(path: Path, key: str, choice: Choice, fingerprint: dict) -> None
 # ------------------------------------------------------------------ timing
 
 def choose(model_cfg: ViTConfig, device: torch.device, *, batch: int, training: bool, attention: str = "auto",
-           precision: str = "auto", channels_last: bool | None = None, cls_only_last_block: bool = True,
-           use_cache: bool = True) -> Choice:
+           precision: str = "auto", channels_last: bool | None = None, cls_only_last_block: bool = True) -> Choice:
     """The fastest correct way to compute ``model_cfg`` on ``device`` for batches of ``batch``
     (a training step when ``training``, else a forward pass), from the cache or timed now."""
     options = candidates(model_cfg, device, attention, precision, channels_last)
@@ -175,13 +173,11 @@ def choose(model_cfg: ViTConfig, device: torch.device, *, batch: int, training: 
     fingerprint = device_fingerprint(device)
     key = cache_key(fingerprint, model_cfg, batch, training, cls_only_last_block, options)
     path = cache_dir() / CACHE_FILE
-    if use_cache:
-        cached = Choice.from_dict(read_cache(path).get(key), options)
-        if cached is not None:
-            return replace(cached, source="cached")
+    cached = Choice.from_dict(read_cache(path).get(key), options)
+    if cached is not None:
+        return replace(cached, source="cached")
     choice = measure(model_cfg, device, options, batch, training, cls_only_last_block)
-    if use_cache:
-        write_cache(path, key, choice, fingerprint)
+    write_cache(path, key, choice, fingerprint)
     return choice
 
 

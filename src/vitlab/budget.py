@@ -66,6 +66,11 @@ def process_age() -> float:
         return 0.0
 
 
+def epochs_for(steps: int, steps_per_epoch: int) -> int:
+    """Epochs that ``steps`` optimizer steps take, the last one partial when they are not whole."""
+    return -(-steps // steps_per_epoch)
+
+
 @dataclass
 class Plan:
     """The decision: measured costs and the optimizer steps that fit."""
@@ -84,7 +89,7 @@ class Plan:
 
     @property
     def epochs(self) -> int:
-        return -(-self.steps // self.steps_per_epoch)
+        return epochs_for(self.steps, self.steps_per_epoch)
 
     @property
     def epoch_seconds(self) -> float:

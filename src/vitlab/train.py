@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import autotune, errors, report, rundir
 from .augment import BatchAugment, Normalize, mix_batch
 from . import budget as budgets
-from .budget import Plan, format_duration, parse_duration
+from .budget import Plan, epochs_for, format_duration, parse_duration
 from .checkpoint import (CheckpointMeta, check_weights_header, load_state, load_weights, read_meta, recover,
                          save_checkpoint)
 from .config import RUNTIME_FIELDS, TrainConfig, default_config
@@ -284,6 +284,10 @@ class Runtime:
                  tta_flip: bool = False) -> tuple[float, float]:
         return loss_and_accuracy(self.logits(model, split.images, normalize, batch_size, tta_flip), split.labels)
 
+    def kernel_record(self) -> dict:
+        """What a checkpoint's manifest keeps of the kernel choice, so a resume computes the same way."""
+        return {"kernels": self.choice.to_dict()} if self.choice else {}
+
     def use(self, choice: autotune.Choice) -> None:
         """Compute as ``choice`` says (precision, attention kernel, layout) from here on."""
         self.choice, self.amp_dtype = choice, choice.amp_dtype
@@ -437,12 +441,6 @@ class Parts:
             flops_per_image=flops_per_image(model_cfg, training=True,
                                             cls_only_last_block=rt.kernels.cls_only_last_block),
         )
-
-
-    @property
-    def epochs(self) -> int:
-        """Epochs the run trains, the last one partial when the step count is not a whole number of them."""
-        return -(-self.total_steps // self.steps_per_epoch)
 
     def batches_in(self, epoch: int) -> int:
         """Batches of epoch ``epoch`` (0-based): all of them but in a partial last epoch."""
@@ -641,8 +639,7 @@ def raise_if_nonfinite(run: Run, parts: Parts, state: TrainState, rt: Runtime) -
 
 def save_last(run: Run, parts: Parts, state: TrainState, rt: Runtime) -> None:
     raise_if_nonfinite(run, parts, state, rt)  # never overwrite a good checkpoint with poisoned weights
-    parts.meta.extra = {"epoch": state.epoch, "batch": state.batch, "step": state.step,
-                        **({"kernels": rt.choice.to_dict()} if rt.choice else {})}
+    parts.meta.extra = {"epoch": state.epoch, "batch": state.batch, "step": state.step, **rt.kernel_record()}
     payload = state.to_dict(parts, rt)  # on every rank: its epoch sums are a collective
     if rt.main:
         save_checkpoint(run.dir / "last", parts.model, parts.meta, parts.config_yaml, payload)
@@ -784,7 +781,7 @@ def end_epoch(run: Run, parts: Parts, state: TrainState, data: DatasetSplits, rt
     if improved:  # the best weights of the run, raw or averaged
         state.best_val_acc = epoch_best
         parts.meta.extra = {"epoch": state.epoch, "step": state.step, "val_acc": epoch_best, "weights": kind,
-                            **({"kernels": rt.choice.to_dict()} if rt.choice else {})}
+                            **rt.kernel_record()}
     if rt.main:
         report.append_metrics(run.dir / "metrics.csv", state.rows)
         if improved:
@@ -808,7 +805,7 @@ def replan_budget(run: Run, parts: Parts, state: TrainState, rt: Runtime, log: C
     steps = rt.on_main(decide)
     if steps is None or steps == parts.total_steps:
         return
-    run.cfg = run.cfg.replace(max_steps=steps, epochs=-(-steps // parts.steps_per_epoch))
+    run.cfg = run.cfg.replace(max_steps=steps, epochs=epochs_for(steps, parts.steps_per_epoch))
     parts.reschedule(run.cfg)
     if rt.main:
         run.save_config()
@@ -865,7 +862,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
             cfg = cfg.replace(max_steps=run.plan.steps, warmup_epochs=min(cfg.warmup_epochs, length / 5))
             log(run.plan.describe())
         if cfg.max_steps:  # the epoch count follows the step count, in what is saved and shown
-            cfg = run.cfg = cfg.replace(epochs=-(-cfg.max_steps // parts.steps_per_epoch))
+            cfg = run.cfg = cfg.replace(epochs=epochs_for(cfg.max_steps, parts.steps_per_epoch))
             parts.reschedule(cfg)
         if run.dir is None:
             created = rt.on_main(lambda: run.create(overwrite) or run.dir)
