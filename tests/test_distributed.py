@@ -90,8 +90,18 @@ def test_killed_job_resumes_on_one_or_two_processes(runs, tmp_path, resume_with)
     os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every rank at once
     proc.wait()
     assert not (tmp_path / "r" / "results.md").exists()
-    cmd = single("--resume", str(tmp_path / "r")) if resume_with == 1 else torchrun(2, "--resume", str(tmp_path / "r"))
-    resumed = run(cmd)
+    if resume_with == 1:
+        resumed = run(single("--resume", str(tmp_path / "r")))
+    else:  # as on two machines: the run folder is rank 0's only (rank 1 runs where a relative "r" is not)
+        elsewhere = tmp_path / "rank1"
+        elsewhere.mkdir()
+        script = tmp_path / "in_rank_folder.py"
+        script.write_text("import os\nos.chdir(os.environ['CWD_' + os.environ['RANK']])\nfrom vitlab.cli import main\nmain()\n")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+               "train", "--resume", "r"]
+        resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                                 env={**ENV, "CWD_0": str(tmp_path), "CWD_1": str(elsewhere)})
+        assert not list(elsewhere.iterdir())  # rank 1 wrote nothing
     assert resumed.returncode == 0, resumed.stderr + resumed.stdout
     assert_same_run(runs["two"], tmp_path / "r")
 

@@ -47,6 +47,23 @@ def test_layer_scale_parameters():
     assert all(id(g) in {id(p) for p in no_decay["params"]} for g in gammas)
 
 
+def test_pos_embed_std_sets_the_positional_embeddings_init_and_travels_with_the_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    default, wide = ViT(ViTConfig(**SMALL)), ViT(ViTConfig(**SMALL, pos_embed_std=1.0))
+    assert abs(default.pos_embed.std().item() - 0.02) < 0.003
+    assert 0.8 < wide.pos_embed.std().item() < 0.95 and wide.pos_embed.abs().max() <= 2.0  # truncated at 2 std
+    assert abs(wide.cls_token.std().item() - 0.02) < 0.01  # the rest of the init is unchanged
+    for bad in (0.0, -1.0, 11.0):
+        with pytest.raises(ConfigError, match="--pos-embed-std must be in"):
+            ViTConfig(**SMALL, pos_embed_std=bad)
+    # a checkpoint from before the option loads with the value it was initialised with
+    old = {k: v for k, v in ViTConfig(**SMALL).__dict__.items() if k != "pos_embed_std"}
+    assert ViTConfig.from_dict(old).pos_embed_std == 0.02
+    cfg = default_config().replace(pos_embed_std=1.0, epochs=1, out=str(tmp_path), name="p", tensorboard=False)
+    train(cfg, progress=False, log=lambda s: None)
+    assert read_meta(tmp_path / "p" / "best").model.pos_embed_std == 1.0
+
+
 def test_random_erasing_shapes_areas_and_rate():
     g = torch.Generator().manual_seed(0)
     x = torch.zeros(4000, 3, 32, 32)
@@ -144,7 +161,9 @@ def test_recipe_elements_train_report_ema_and_resume_exactly(tmp_path):
 
 
 def test_flip_averaging_is_for_the_final_table_and_per_epoch_validation_is_single_view(tmp_path):
-    run = train(default_config().replace(out=str(tmp_path), epochs=6, tta_flip=True, ema_decay=0.9), progress=False,
+    # fp32: the same numbers on every machine (bf16 CPUs learned less in 6 epochs: val loss 2.12)
+    run = train(default_config().replace(out=str(tmp_path), epochs=6, tta_flip=True, ema_decay=0.9, precision="fp32"),
+                progress=False,
                 log=lambda s: None)
     with open(run.run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -154,8 +173,9 @@ def test_flip_averaging_is_for_the_final_table_and_per_epoch_validation_is_singl
     single = evaluate_checkpoint(best, batch_size=256, tta_flip=False)["Val"]
     flipped = evaluate_checkpoint(best, batch_size=256)["Val"]
     assert logged_loss < 2.0  # it learned something, so a mirror image reads differently
-    assert logged_loss == pytest.approx(single[0], rel=1e-5)
-    assert run.results["Val"][0] == pytest.approx(flipped[0], rel=1e-5)
+    # evaluation computes with the kernels measured fastest for its batches: equal to 1e-4, not bit for bit
+    assert logged_loss == pytest.approx(single[0], rel=1e-4)
+    assert run.results["Val"][0] == pytest.approx(flipped[0], rel=1e-4)
     assert abs(flipped[0] - single[0]) > 1e-2
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 
 import vitlab
+from vitlab import report
 from vitlab.cli import flag_table
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,9 +118,16 @@ def test_python_and_numpy_random_states_are_restored_exactly():
     assert got == expected
 
 
-def test_results_record_the_code_that_produced_them(digits_run):
+def test_results_record_the_code_that_produced_them(digits_run, tmp_path):
     text = (digits_run / "results.md").read_text()
     assert f"vitlab {vitlab.__version__}" in text
+    # the package's own files, so an uncommitted change shows: any edit changes the digest
+    assert f"source sha256 {report.source_digest()}" in text
+    copy = tmp_path / "vitlab"
+    shutil.copytree(Path(vitlab.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert report.source_digest(copy) == report.source_digest()
+    (copy / "presets" / "digits.yaml").write_text((copy / "presets" / "digits.yaml").read_text() + "# edited\n")
+    assert report.source_digest(copy) != report.source_digest()
     head = (REPO / ".git" / "HEAD")
     if head.is_file():
         commit = re.search(r"git commit ([0-9a-f]{12})", text)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from vitlab import TrainConfig, ViT, load_checkpoint
 from vitlab.config import default_config
+from vitlab.errors import ConfigError
 from vitlab.predict import evaluate_checkpoint
 from vitlab.report import read_metrics
 from vitlab.train import TrainingInterrupted, lr_at, train
@@ -83,7 +84,10 @@ def test_resume_is_bit_exact(tmp_path, stop_after):
     straight = train(_tiny(tmp_path, "straight"), progress=False, log=log)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         train(_tiny(tmp_path, "resumed"), progress=False, log=log, stop_when=lambda state: state.step >= stop_after)
-    resumed = train(resume=tmp_path / "resumed", progress=False, log=log)
+    with pytest.raises(ConfigError, match="only its runtime fields may change, not epochs"):
+        train(resume=tmp_path / "resumed", progress=False, log=log, changes={"epochs": 9})
+    # where and how it reports may change (what the CLI passes for --log-every and the like)
+    resumed = train(resume=tmp_path / "resumed", progress=False, log=log, changes={"log_every": 2})
     a = load_file(str(straight.run_dir / "last" / "model.safetensors"))
     b = load_file(str(resumed.run_dir / "last" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -122,7 +122,6 @@ def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
     <out>/<dataset>-<timestamp>/ receives checkpoints (best/, last/), metrics.csv,
     results.md, loss_curve.png and predictions.png.
     """
-    from .rundir import open_existing
     from .train import train as run_training
 
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -145,9 +144,8 @@ def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
         if extra:
             raise VitlabError(f"--resume continues a run with its saved config; drop {', '.join(extra)} "
                               f"(it may change only {', '.join(flag(f) for f in RESUME_MAY_CHANGE)})")
-        open_existing(resume).release()  # a clear error for a folder that is not a run, before reading it
-        saved = TrainConfig.load_yaml(resume / "config.yaml")
-        run_training(saved.replace(**given), resume=resume, progress=not quiet)
+        # rank 0 reads the run folder (under torchrun the others may not have it: vitlab.train.Run.initial_config)
+        run_training(resume=resume, changes=given, progress=not quiet)
         return
     cfg = load_preset(preset or DEFAULT_PRESET).replace(**given).validate()
     run_training(cfg, overwrite=overwrite, progress=not quiet)

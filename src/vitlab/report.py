@@ -8,6 +8,7 @@ has chosen.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 from pathlib import Path
@@ -69,12 +70,21 @@ def _fmt(v) -> str:
 
 def code_version() -> str:
     """'vitlab X.Y.Z', plus the git commit when vitlab runs from a checkout (read from
-    .git's files: no program is started)."""
+    .git's files: no program is started), plus a digest of the package's own files: a
+    commit does not say whether the tree had uncommitted changes, the digest does."""
     from . import __version__
 
     text = f"vitlab {__version__}"
     commit = _git_commit(Path(__file__).resolve().parents[2])
-    return text + (f", git commit {commit}" if commit else "")
+    return text + (f", git commit {commit}" if commit else "") + f", source sha256 {source_digest()}"
+
+
+def source_digest(package: Path = Path(__file__).resolve().parent) -> str:
+    """sha256 (first 12 hex digits) over the names and bytes of the package's .py and preset files."""
+    h = hashlib.sha256()
+    for f in sorted([*package.glob("*.py"), *package.glob("presets/*.yaml")]):
+        h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
 
 
 def _git_commit(repo: Path) -> str | None:

@@ -222,11 +222,10 @@ class Runtime:
 
     @classmethod
     def setup(cls, cfg: TrainConfig) -> "Runtime":
+        """Device, threads and process group from ``cfg``'s runtime fields; the rest of the
+        run's config may not be known yet (a resumed run under torchrun: see Run.initial_config)."""
         d = from_env()
         if d is not None:
-            if cfg.batch_size % d.world:
-                raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the "
-                                  f"{d.world} processes; choose a multiple of {d.world}")
             torch.set_num_threads(threads_per_rank(cfg.threads, d))
             device = start(d, cfg.device)
         else:
@@ -235,11 +234,18 @@ class Runtime:
             device = resolve_device(cfg.device)
         amp_dtype = resolve_precision(cfg.precision, device)
         keep_freed_memory(device)
+        # a resumed run's random streams come from its checkpoint, so the defaults' seed is harmless there
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         kernels = Kernels(resolve_attention(cfg.attention, device, amp_dtype), cfg.cls_only_last_block)
         return cls(device, amp_dtype, kernels, d)
+
+    def check(self, cfg: TrainConfig) -> None:
+        """What the run's own config asks of the process group, checked alike on every rank."""
+        if self.dist is not None and cfg.batch_size % self.dist.world:
+            raise ConfigError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the "
+                              f"{self.dist.world} processes; choose a multiple of {self.dist.world}")
 
     @property
     def main(self) -> bool:
@@ -329,20 +335,37 @@ class Run:
     paced_from: tuple[float, int] = (0.0, 0)  # (time.perf_counter(), step) when this session's training began
 
     @staticmethod
-    def initial_config(cfg: TrainConfig | None, resume: str | Path | None) -> TrainConfig:
-        """The configuration the runtime is set up with (a resumed run's own, read-only)."""
+    def initial_config(cfg: TrainConfig | None, resume: str | Path | None, changes: dict) -> TrainConfig:
+        """The configuration the runtime is set up with. A resumed run's own, read-only; but
+        under torchrun, where the run folder may live on rank 0's machine only, every rank
+        starts from ``cfg`` or the defaults (plus ``changes``: the same device and threads on
+        every rank) and is handed the run's config by rank 0 once the process group exists."""
         if resume is None:
             return (cfg or default_config()).validate()
-        return (cfg or TrainConfig.load_yaml(Path(resume).expanduser() / "config.yaml")).validate()
+        fixed = sorted(set(changes) - set(RUNTIME_FIELDS))
+        if fixed:
+            raise ConfigError(f"a resumed run keeps its config; only its runtime fields may change, not {', '.join(fixed)}")
+        if cfg is None and from_env():
+            cfg = default_config().replace(**changes)
+        elif cfg is None:
+            run_dir = Path(resume).expanduser()
+            rundir.open_existing(run_dir).release()  # a clear error for a folder that is not a run, before reading it
+            cfg = TrainConfig.load_yaml(run_dir / "config.yaml").replace(**changes)
+        return cfg.validate()
 
     @classmethod
-    def open(cls, cfg: TrainConfig, resume: str | Path | None, log: Callable[[str], None]) -> "Run":
+    def open(cls, cfg: TrainConfig | None, resume: str | Path | None, log: Callable[[str], None],
+             runtime: TrainConfig, changes: dict) -> "Run":
+        """A new run (``cfg``), or the run folder ``resume``, checked against its checkpoint;
+        ``cfg`` None resumes with the saved config plus ``changes``. The device and threads
+        are ``runtime``'s, the ones the process group started with."""
         if resume is None:
             return cls(cfg)
         run_dir = Path(resume).expanduser()
         lock = rundir.open_existing(run_dir)  # refuses a run another process is training
         try:
             saved = TrainConfig.load_yaml(run_dir / "config.yaml")
+            cfg = (cfg or saved.replace(**changes)).replace(device=runtime.device, threads=runtime.threads)
             ckpt = recover(run_dir, "last")
             recover(run_dir, "best", need_state=False)
             rundir.remove_stale(run_dir)  # half-written metrics or plots of the killed process
@@ -816,12 +839,12 @@ def replan_budget(run: Run, parts: Parts, state: TrainState, rt: Runtime, log: C
 
 def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, overwrite: bool = False,
           progress: bool = True, log: Callable[[str], None] | None = None, data: DatasetSplits | None = None,
-          stop_when: Callable[[TrainState], bool] | None = None) -> RunResult:
+          stop_when: Callable[[TrainState], bool] | None = None, changes: dict | None = None) -> RunResult:
     """Train a ViT as ``cfg`` says (default: the embedded digits preset), or continue the
     run folder ``resume``, and write its report.
 
-    With ``resume``, ``cfg`` defaults to the run's saved config (a caller may pass it back
-    with runtime fields changed: device, threads). ``data`` trains on already-loaded
+    With ``resume``, ``cfg`` defaults to the run's saved config with ``changes`` (runtime
+    fields only: device, threads, data_dir, ...). ``data`` trains on already-loaded
     splits instead of loading ``cfg.dataset`` (benchmarks, notebooks). ``stop_when`` is
     asked after every optimizer step; when it returns True the run stops as it does on
     Ctrl-C: checkpoint saved, TrainingInterrupted raised with the command that resumes.
@@ -832,15 +855,16 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     log = log or (lambda s: tqdm.write(s))
     session_start = time.perf_counter()
     clock_origin = budgets.origin()  # what a --time-budget counts from
-    initial = Run.initial_config(cfg, resume)
+    initial = Run.initial_config(cfg, resume, changes or {})
     rt = Runtime.setup(initial)
     if not rt.main:
         log, progress = (lambda s: None), False
     run = None
     try:
-        opened = rt.on_main(lambda: Run.open(initial, resume, log))
+        opened = rt.on_main(lambda: Run.open(cfg if resume else initial, resume, log, initial, changes or {}))
         run = opened if rt.main else Run(opened.cfg, opened.dir, None, opened.checkpoint)
         cfg = run.cfg
+        rt.check(cfg)
         if data is None:  # the writing process first: it may download or extract
             loaded: dict = {}
 
