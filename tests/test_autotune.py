@@ -17,6 +17,7 @@ from vitlab.model import ViTConfig
 from vitlab.runtime import native_bf16
 from vitlab.train import train
 
+KINDS = ["bf16", "fp32"] if native_bf16(torch.device("cpu")) else ["fp32"]  # bf16 only where the CPU has it
 SMALL = ViTConfig(image_size=8, channels=1, num_classes=10, patch_size=2, depth=2, dim=32, heads=2, mlp_dim=64)
 TINY = dict(depth=1, dim=32, heads=2, mlp_dim=32, log_every=4)
 
@@ -42,8 +43,7 @@ def test_auto_times_every_candidate_once_then_reads_the_cache(cache, monkeypatch
     rng = torch.get_rng_state()
     first = autotune.choose(SMALL, torch.device("cpu"), batch=64, training=True)
     assert torch.equal(rng, torch.get_rng_state())  # the caller's random stream is untouched
-    kinds = ["bf16", "fp32"] if native_bf16(torch.device("cpu")) else ["fp32"]  # bf16 only where the CPU has it
-    assert first.source == "measured" and set(first.ms) == {f"{p} {a}" for p in kinds for a in ("sdpa", "explicit")}
+    assert first.source == "measured" and set(first.ms) == {f"{p} {a}" for p in KINDS for a in ("sdpa", "explicit")}
     assert all(v > 0 for v in first.ms.values())
     assert first.attention == min(first.ms, key=first.ms.get).split()[1]  # the fastest was kept
     (entry,) = _entries(cache).values()
@@ -68,8 +68,7 @@ def test_the_conv_pool_tokenizer_also_times_its_layout(cache):
     cfg = ViTConfig(image_size=16, channels=1, num_classes=10, patch_size=4, patch_embed="conv-pool", depth=1, dim=32,
                     heads=2, mlp_dim=64)
     c = autotune.choose(cfg, torch.device("cpu"), batch=32, training=True)
-    kinds = ["bf16", "fp32"] if native_bf16(torch.device("cpu")) else ["fp32"]
-    assert set(c.ms) == {f"{p} {a}{layout}" for p in kinds for a in ("sdpa", "explicit") for layout in ("", " NCHW")}
+    assert set(c.ms) == {f"{p} {a}{layout}" for p in KINDS for a in ("sdpa", "explicit") for layout in ("", " NCHW")}
 
 
 @pytest.mark.parametrize("bad", [

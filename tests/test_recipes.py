@@ -163,8 +163,7 @@ def test_recipe_elements_train_report_ema_and_resume_exactly(tmp_path):
 def test_flip_averaging_is_for_the_final_table_and_per_epoch_validation_is_single_view(tmp_path):
     # fp32: the same numbers on every machine (bf16 CPUs learned less in 6 epochs: val loss 2.12)
     run = train(default_config().replace(out=str(tmp_path), epochs=6, tta_flip=True, ema_decay=0.9, precision="fp32"),
-                progress=False,
-                log=lambda s: None)
+                progress=False, log=lambda s: None)
     with open(run.run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     best = run.run_dir / "best"

@@ -855,13 +855,14 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
     log = log or (lambda s: tqdm.write(s))
     session_start = time.perf_counter()
     clock_origin = budgets.origin()  # what a --time-budget counts from
-    initial = Run.initial_config(cfg, resume, changes or {})
+    changes = changes or {}
+    initial = Run.initial_config(cfg, resume, changes)
     rt = Runtime.setup(initial)
     if not rt.main:
         log, progress = (lambda s: None), False
     run = None
     try:
-        opened = rt.on_main(lambda: Run.open(cfg if resume else initial, resume, log, initial, changes or {}))
+        opened = rt.on_main(lambda: Run.open(cfg if resume else initial, resume, log, initial, changes))
         run = opened if rt.main else Run(opened.cfg, opened.dir, None, opened.checkpoint)
         cfg = run.cfg
         rt.check(cfg)
