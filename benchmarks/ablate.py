@@ -45,7 +45,8 @@ ELEMENTS = {
 
 def run(cfg: TrainConfig) -> tuple[float, float]:
     t = time.perf_counter()
-    result = train(cfg.replace(out=tempfile.mkdtemp(prefix="ablate-")), progress=False, log=lambda s: None)
+    with tempfile.TemporaryDirectory(prefix="ablate-") as out:  # the run's checkpoints go with it
+        result = train(cfg.replace(out=out), progress=False, log=lambda s: None)
     return result.results["Test"][1], time.perf_counter() - t
 
 

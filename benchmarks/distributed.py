@@ -85,16 +85,18 @@ def same_run(nproc: int) -> dict:
 
     args = ["--epochs", "3", "--depth", "2", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--batch-size", "64",
             "--precision", "fp32", "--quiet"]
-    out = Path(tempfile.mkdtemp())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "vitlab", "train", "--threads", "1", "--out", str(out), "--name", "one", *args],
-                   check=True, capture_output=True, env=env)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
-                    "vitlab", "train", "--out", str(out), "--name", "many", *args], check=True, capture_output=True, env=env)
-    rows = [list(csv.DictReader(open(out / n / "metrics.csv"))) for n in ("one", "many")]
-    metric = max(abs(float(a[k]) - float(b[k])) for a, b in zip(*rows) for k in a)
-    wa, wb = (load_file(str(out / n / "last" / "model.safetensors")) for n in ("one", "many"))
-    weight = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder)
+        subprocess.run([sys.executable, "-m", "vitlab", "train", "--threads", "1", "--out", str(out), "--name", "one",
+                        *args], check=True, capture_output=True, env=env)
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+                        "vitlab", "train", "--out", str(out), "--name", "many", *args], check=True, capture_output=True,
+                       env=env)
+        rows = [list(csv.DictReader(open(out / n / "metrics.csv"))) for n in ("one", "many")]
+        metric = max(abs(float(a[k]) - float(b[k])) for a, b in zip(*rows) for k in a)
+        wa, wb = (load_file(str(out / n / "last" / "model.safetensors")) for n in ("one", "many"))
+        weight = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     return {"metric": metric, "weight": weight}
 
 

@@ -65,8 +65,9 @@ def vitlab_epoch(data_dir: str, device: str, batch: int) -> tuple[float, float]:
     cfg = TrainConfig(dataset="cifar10", data_dir=data_dir, download=False, val_size=5000, epochs=1, batch_size=batch,
                       patch_size=c["patch_size"], depth=c["depth"], heads=c["heads"], dim=c["dim"], mlp_dim=c["mlp_dim"],
                       lr=1e-3, warmup_epochs=0, crop=True, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
-                      out=tempfile.mkdtemp(), device=device)
-    result = train(cfg, progress=False, log=lambda s: None)
+                      device=device)
+    with tempfile.TemporaryDirectory() as out:
+        result = train(cfg.replace(out=out), progress=False, log=lambda s: None)
     return result.seconds, result.results["Val"][1]
 
 

@@ -40,34 +40,35 @@ def main() -> None:
     print(f"machine: {machine()}; onnxruntime {ort.__version__} with {torch.get_num_threads()} threads for torch")
     lines = ["| config | batch | vitlab eager (img/s) | onnxruntime (img/s) | ratio |", "|---|---|---|---|---|"]
     export_times = []
-    for name in args.configs:
-        folder = Path(tempfile.mkdtemp()) / "best"
-        cfg = ViTConfig(**CONFIGS[name])
-        torch.manual_seed(0)
-        model = ViT(cfg)
-        torch.nn.init.normal_(model.head.weight, std=0.1)
-        meta = CheckpointMeta(cfg, [str(i) for i in range(cfg.num_classes)], (0.5,) * 3, (0.25,) * 3, "cifar10")
-        run_cfg = default_config().replace(dataset="cifar10", data_dir="/nonexistent")  # random check images
-        save_checkpoint(folder, model, meta, run_cfg.to_yaml())
-        t = time.perf_counter()
-        export(folder, "onnx", log=lambda s: None)
-        export_times.append(f"{name} {time.perf_counter() - t:.1f} s")
-        session = ort.InferenceSession(str(folder.with_name("best.onnx")), providers=["CPUExecutionProvider"])
-        predictor = load_predictor(folder, "cpu", precision="fp32")
-        for batch in (1, 256):
-            images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
-            reps = args.repeats * (20 if batch == 1 else 1)
+    with tempfile.TemporaryDirectory() as scratch:  # the checkpoints and ONNX files go with it
+        for name in args.configs:
+            folder = Path(scratch) / name / "best"
+            cfg = ViTConfig(**CONFIGS[name])
+            torch.manual_seed(0)
+            model = ViT(cfg)
+            torch.nn.init.normal_(model.head.weight, std=0.1)
+            meta = CheckpointMeta(cfg, [str(i) for i in range(cfg.num_classes)], (0.5,) * 3, (0.25,) * 3, "cifar10")
+            run_cfg = default_config().replace(dataset="cifar10", data_dir="/nonexistent")  # random check images
+            save_checkpoint(folder, model, meta, run_cfg.to_yaml())
+            t = time.perf_counter()
+            export(folder, "onnx", log=lambda s: None)
+            export_times.append(f"{name} {time.perf_counter() - t:.1f} s")
+            session = ort.InferenceSession(str(folder.with_name("best.onnx")), providers=["CPUExecutionProvider"])
+            predictor = load_predictor(folder, "cpu", precision="fp32")
+            for batch in (1, 256):
+                images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
+                reps = args.repeats * (20 if batch == 1 else 1)
 
-            def ours():
-                with torch.inference_mode():
-                    predictor.model(predictor.normalize(images))
+                def ours():
+                    with torch.inference_mode():
+                        predictor.model(predictor.normalize(images))
 
-            def theirs():
-                session.run(None, {"images": images.numpy()})
+                def theirs():
+                    session.run(None, {"images": images.numpy()})
 
-            a, b = median_seconds(ours, reps), median_seconds(theirs, reps)
-            lines.append(f"| {name} | {batch} | {batch / a:,.0f} | {batch / b:,.0f} | {a / b:.2f}x |")
-            print(lines[-1], flush=True)
+                a, b = median_seconds(ours, reps), median_seconds(theirs, reps)
+                lines.append(f"| {name} | {batch} | {batch / a:,.0f} | {batch / b:,.0f} | {a / b:.2f}x |")
+                print(lines[-1], flush=True)
     body = ("fp32, uint8 images in; vitlab eager: `load_predictor(...).model` (fastest kernel for the device, class-token "
             "shortcut) with its normalisation; onnxruntime: the `vitlab export --format onnx` graph (explicit attention, "
             "normalisation inside), CPUExecutionProvider; median of repeats\n\n" + "\n".join(lines) +

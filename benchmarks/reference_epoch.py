@@ -42,9 +42,11 @@ def main() -> None:
     full = len(d.train)
     n = args.train_images or full
     data = DatasetSplits(preset.dataset, d.classes, tiled(d.train, n), d.val, d.test, d.val_is_test, d.mean, d.std)
-    cfg = preset.replace(epochs=args.epochs, out=tempfile.mkdtemp(), device=args.device)
+    cfg = preset.replace(epochs=args.epochs, device=args.device)
     times = []
-    result = train(cfg, data=data, progress=False, log=lambda s: (times.append(s), print(s, flush=True)))
+    with tempfile.TemporaryDirectory() as out:  # the run's checkpoints (~75 MB) go with it
+        result = train(cfg.replace(out=out), data=data, progress=False,
+                       log=lambda s: (times.append(s), print(s, flush=True)))
     epoch_lines = [t for t in times if t.startswith("epoch")]
     last = epoch_lines[-1]
     seconds = float(last.split("|")[-1].split("s")[0])

@@ -104,6 +104,10 @@ def test_predict_and_evaluate(digits_run, tmp_path):
 
     table = run("evaluate", str(digits_run / "best"), "--device", "cpu").output
     assert "| Train |" in table and "| Test |" in table
+    fp32 = run("evaluate", str(digits_run / "best"), "--device", "cpu", "--precision", "fp32").output
+    assert fp32.startswith("computed on cpu fp32 ") and "| Test |" in fp32
+    refused = run("evaluate", str(digits_run / "best"), "--precision", "fp16")
+    assert refused.exit_code == 2 and "'fp16' is not one of" in refused.output
 
 
 def test_checkpoint_errors(tmp_path):

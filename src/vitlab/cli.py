@@ -22,6 +22,14 @@ from .options import flag
 RESUME_MAY_CHANGE = tuple(f for f in RUNTIME_FIELDS if f != "download")  # a resumed run never downloads
 
 
+def _field_option(name: str, **extra):
+    """A click option for a command other than train, from the TrainConfig field of that name
+    (its choices and help), so the same flag means the same thing in every command."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    return click.option(flag(name), type=click.Choice(f.metadata["choices"]), default=f.default, show_default=True,
+                        help=f.metadata["help"], **extra)
+
+
 def _fail(message: str, code: int = 1) -> None:
     click.secho(f"error: {message}", fg="red", err=True)
     sys.exit(code)
@@ -157,8 +165,10 @@ def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
 @click.option("--download/--no-download", default=None, help="download the dataset into --data-dir if missing")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="evaluation batch size [default: the run's]")
+@_field_option("precision")
 @friendly_errors
-def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, device: str, batch_size: int | None) -> None:
+def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, device: str, batch_size: int | None,
+             precision: str) -> None:
     """Loss and accuracy of a checkpoint on the train, val and test splits.
 
     The data is read from where the run trained (its config.yaml) or from --data-dir;
@@ -166,7 +176,8 @@ def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, devi
     from .predict import evaluation
     from .report import per_class_table, results_table
 
-    ev = evaluation(checkpoint, data_dir=data_dir, download=download, device=device, batch_size=batch_size)
+    ev = evaluation(checkpoint, data_dir=data_dir, download=download, device=device, batch_size=batch_size,
+                    precision=precision)
     click.echo(f"computed on {ev.computed}\n\n" + results_table(ev.results) + "\n\nPer-class accuracy (test):\n\n"
                + per_class_table(ev.confusion, ev.classes))
 
@@ -176,13 +187,14 @@ def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, devi
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="classes to show per image")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
+@_field_option("precision")
 @friendly_errors
-def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str) -> None:
-    """Top-k classes with probabilities for each image file."""
+def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str, precision: str) -> None:
+    """Top-k classes with probabilities for each image file (an ONNX file computes in fp32)."""
     from .predict import predict_files
 
     failures = 0
-    for path, outcome in predict_files(checkpoint, images, top_k=top_k, device=device):
+    for path, outcome in predict_files(checkpoint, images, top_k=top_k, device=device, precision=precision):
         if isinstance(outcome, str):
             failures += 1
             click.secho(f"{printable(path)}: error: {outcome}", fg="red", err=True)
