@@ -106,6 +106,10 @@ def test_predict_and_evaluate(digits_run, tmp_path):
     assert "| Train |" in table and "| Test |" in table
     fp32 = run("evaluate", str(digits_run / "best"), "--device", "cpu", "--precision", "fp32").output
     assert fp32.startswith("computed on cpu fp32 ") and "| Test |" in fp32
+    for kernel in ("sdpa", "explicit"):
+        fixed = run("evaluate", str(digits_run / "best"), "--precision", "fp32", "--attention", kernel).output
+        assert fixed.startswith(f"computed on cpu fp32 {kernel} (fixed)"), fixed
+        assert fixed.split("\n\n", 1)[1] == fp32.split("\n\n", 1)[1]  # fp32: the same table from either kernel
     refused = run("evaluate", str(digits_run / "best"), "--precision", "fp16")
     assert refused.exit_code == 2 and "'fp16' is not one of" in refused.output
 

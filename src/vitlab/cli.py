@@ -166,18 +166,21 @@ def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="evaluation batch size [default: the run's]")
 @_field_option("precision")
+@_field_option("attention")
 @friendly_errors
 def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, device: str, batch_size: int | None,
-             precision: str) -> None:
+             precision: str, attention: str) -> None:
     """Loss and accuracy of a checkpoint on the train, val and test splits.
 
     The data is read from where the run trained (its config.yaml) or from --data-dir;
-    vitlab downloads a missing dataset only into a --data-dir you name, with --download."""
+    vitlab downloads a missing dataset only into a --data-dir you name, with --download.
+    In bf16 the attention kernels round differently: the --precision and --attention of the
+    run's results.md ("device") reproduce its table to the last digit."""
     from .predict import evaluation
     from .report import per_class_table, results_table
 
     ev = evaluation(checkpoint, data_dir=data_dir, download=download, device=device, batch_size=batch_size,
-                    precision=precision)
+                    precision=precision, attention=attention)
     click.echo(f"computed on {ev.computed}\n\n" + results_table(ev.results) + "\n\nPer-class accuracy (test):\n\n"
                + per_class_table(ev.confusion, ev.classes))
 
@@ -188,13 +191,16 @@ def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, devi
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="classes to show per image")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
 @_field_option("precision")
+@_field_option("attention")
 @friendly_errors
-def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str, precision: str) -> None:
+def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str, precision: str,
+            attention: str) -> None:
     """Top-k classes with probabilities for each image file (an ONNX file computes in fp32)."""
     from .predict import predict_files
 
     failures = 0
-    for path, outcome in predict_files(checkpoint, images, top_k=top_k, device=device, precision=precision):
+    for path, outcome in predict_files(checkpoint, images, top_k=top_k, device=device, precision=precision,
+                                         attention=attention):
         if isinstance(outcome, str):
             failures += 1
             click.secho(f"{printable(path)}: error: {outcome}", fg="red", err=True)

@@ -91,15 +91,18 @@ class Predictor:
                               tta_flip).cpu()
 
 
-def load_predictor(checkpoint: Path, device: str = "auto", precision: str = "auto") -> Predictor:
+def load_predictor(checkpoint: Path, device: str = "auto", precision: str = "auto",
+                   attention: str = "auto") -> Predictor:
     """A verified checkpoint on ``device``, computing with the kernels and precision measured
-    fastest there for evaluation batches (autotune; ``precision`` other than auto is kept)."""
+    fastest there for evaluation batches (autotune; a ``precision`` or ``attention`` other than
+    auto is kept: the run's own, from its manifest, reproduce its table to the last digit)."""
     checkpoint = Path(checkpoint)
     meta = read_meta(checkpoint)
     check_weights_header(checkpoint, meta.model)
     dev = resolve_device(device)
     keep_freed_memory(dev)
-    choice = choose(meta.model, dev, batch=DEFAULT_EVAL_BATCH, training=False, precision=precision)
+    choice = choose(meta.model, dev, batch=DEFAULT_EVAL_BATCH, training=False, attention=attention,
+                    precision=precision)
     model = ViT(meta.model, choice.kernels())
     load_weights(checkpoint, model)
     return Predictor(meta, model.to(dev).eval(), Normalize(meta.mean, meta.std, dev), dev, choice.amp_dtype, choice)

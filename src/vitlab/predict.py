@@ -21,13 +21,16 @@ class Evaluation:
 
 
 def evaluation(checkpoint: Path, data_dir: str | None = None, download: bool | None = None, device: str = "auto",
-               batch_size: int | None = None, tta_flip: bool | None = None, precision: str = "auto") -> Evaluation:
+               batch_size: int | None = None, tta_flip: bool | None = None, precision: str = "auto",
+               attention: str = "auto") -> Evaluation:
     """Loss and accuracy on Train / Val / Test (the splits the run trained on) and the test
     confusion matrix; batch size and flip averaging as the run's config says unless given;
-    ``precision`` 'auto' (the faster where bf16 is native), 'bf16' or 'fp32'."""
+    ``precision`` 'auto' (the faster where bf16 is native), 'bf16' or 'fp32'; ``attention``
+    'auto' (the faster), 'sdpa' or 'explicit'. In bf16 the kernels round differently, so the
+    run's table is reproduced exactly by the precision and attention its manifest records."""
     from .report import confusion_matrix
 
-    predictor = load_predictor(Path(checkpoint), device, precision)
+    predictor = load_predictor(Path(checkpoint), device, precision, attention)
     cfg, data = checkpoint_data(Path(checkpoint), predictor.meta, data_dir, download)
     ev = dict(normalize=predictor.normalize, batch_size=batch_size or cfg.eval_batch_size, device=predictor.device,
               amp_dtype=predictor.amp_dtype, tta_flip=cfg.tta_flip if tta_flip is None else tta_flip)
@@ -40,23 +43,23 @@ def evaluation(checkpoint: Path, data_dir: str | None = None, download: bool | N
 
 def evaluate_checkpoint(checkpoint: Path, data_dir: str | None = None, download: bool | None = None,
                         device: str = "auto", batch_size: int | None = None, tta_flip: bool | None = None,
-                        precision: str = "auto") -> dict[str, tuple[float, float]]:
+                        precision: str = "auto", attention: str = "auto") -> dict[str, tuple[float, float]]:
     """(loss, accuracy) on Train / Val / Test (see :func:`evaluation`)."""
-    return evaluation(checkpoint, data_dir, download, device, batch_size, tta_flip, precision).results
+    return evaluation(checkpoint, data_dir, download, device, batch_size, tta_flip, precision, attention).results
 
 
 def predict_files(checkpoint: Path, paths: Sequence[Path], top_k: int = 3, device: str = "auto",
-                  precision: str = "auto") -> Iterator[tuple[Path, list[tuple[str, float]] | str]]:
+                  precision: str = "auto", attention: str = "auto") -> Iterator[tuple[Path, list[tuple[str, float]] | str]]:
     """For each path: a list of (class, probability), best first, or a one-line error.
     ``checkpoint``: a checkpoint folder, or an ONNX file written by ``vitlab export`` (which
-    computes in fp32 whatever ``precision`` says)."""
+    computes in fp32 with its own kernels, whatever ``precision`` and ``attention`` say)."""
     if Path(checkpoint).is_file() and Path(checkpoint).suffix == ".onnx":
         from .export import OnnxModel
 
         model = OnnxModel.load(Path(checkpoint))
         classes, channels, size, logits_of = model.classes, model.channels, model.image_size, model.logits
     else:
-        predictor = load_predictor(Path(checkpoint), device, precision)
+        predictor = load_predictor(Path(checkpoint), device, precision, attention)
         m = predictor.meta.model
         classes, channels, size, logits_of = predictor.classes, m.channels, m.image_size, predictor.logits
     k = min(top_k, len(classes))
