@@ -148,3 +148,48 @@ def test_crop_plans_resume_exactly_and_differ_between_epochs():
     other_epoch = next(crop_plans(aug, 0, 3, 0, steps, batch, (16, 16), torch.device("cpu")))
     other_seed = next(crop_plans(aug, 1, 2, 0, steps, batch, (16, 16), torch.device("cpu")))
     assert not torch.equal(whole[0], other_epoch) and not torch.equal(whole[0], other_seed)
+
+
+def _shifted(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``image`` moved so that output pixel (i, j) shows input (i + dy, j + dx), the
+    nearest edge pixel where that lies outside: the definition, one image at a time."""
+    h, w = image.shape[-2:]
+    rows = (torch.arange(h) + dy).clamp(0, h - 1)
+    cols = (torch.arange(w) + dx).clamp(0, w - 1)
+    return image[..., rows[:, None], cols[None, :]]
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to grid_sample's float rounding (1e-4 of a 0-255 pixel); no blur passes."""
+    return torch.allclose(a, b, rtol=0, atol=1e-3)
+
+
+def test_translation_shifts_each_image_by_whole_pixels_with_edges_repeated():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3000, 1, 12, 12), dtype=torch.uint8, generator=g)
+    aug = BatchAugment(Normalize((0.0,), (1 / 255,)), 12, translate=2)
+    assert aug.active
+    out = aug(images, torch.Generator().manual_seed(7))
+    shifts = []
+    for img, got in zip(images[:300].float(), out[:300]):
+        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if _same(got, _shifted(img, dy, dx))]
+        assert len(matches) == 1, matches  # exactly one whole-pixel shift, no blur
+        shifts.append(matches[0])
+    assert {dy for dy, _ in shifts} == {dx for _, dx in shifts} == {-2, -1, 0, 1, 2}
+    counts = torch.bincount(torch.tensor([dy + 2 for dy, _ in shifts]), minlength=5)
+    assert counts.min() >= 35  # 300 draws of 5 values: 60 each, sd 7
+    # A larger plan reads the same shifts: the corner is drawn with the rest of the plan.
+    plan = aug.plan(3000, 12, 12, torch.Generator().manual_seed(7))
+    assert torch.equal(aug(images, None, plan), out)
+
+
+def test_translation_off_draws_what_it_drew_before_and_composes_with_flip():
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    norm = Normalize((0.5,) * 3, (0.25,) * 3)
+    plain = BatchAugment(norm, 16, crop=True, hflip=0.5)
+    assert torch.equal(plain(images, torch.Generator().manual_seed(3)),
+                       BatchAugment(norm, 16, crop=True, hflip=0.5, translate=0)(images, torch.Generator().manual_seed(3)))
+    moved = BatchAugment(Normalize((0.0,), (1 / 255,)), 16, hflip=1.0, translate=1)(images, torch.Generator().manual_seed(1))
+    mirrored = images.float().flip(-1)
+    for img, got in zip(mirrored, moved):
+        assert any(_same(got, _shifted(img, dy, dx)) for dy in (-1, 0, 1) for dx in (-1, 0, 1))

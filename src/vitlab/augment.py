@@ -1,10 +1,11 @@
 """Batched augmentation on the training device: no per-image Python.
 
-RandomResizedCrop + horizontal flip use torchvision's parameter distribution
+RandomResizedCrop, translation + horizontal flip use torchvision's parameter distribution
 (area scale and log-uniform aspect ratio, 10 tries, centre-crop fallback) with
 per-sample random draws, and resample the whole batch with one ``grid_sample`` call
 whose per-sample coordinates reproduce torchvision's bilinear resize of each crop
-exactly; a flip reverses the x coordinates, so crop, resize and flip cost one pass.
+exactly; a translation moves the box by whole pixels (the edge rows repeat where it
+leaves the image) and a flip reverses the x coordinates, so all three cost one pass.
 The draws can be made for many batches at once (``BatchAugment.plan``).
 (Measured: 5.6x faster on CPU than the same resampling as two batched matmuls.)
 """
@@ -126,13 +127,14 @@ class Normalize:
 
 
 class BatchAugment:
-    """The training-time transform of a uint8 batch: crop/flip, TrivialAugment,
+    """The training-time transform of a uint8 batch: crop/translate/flip, TrivialAugment,
     normalise, random erasing (torchvision's usual order)."""
 
     def __init__(self, normalize: Normalize, image_size: int, crop: bool = False,
                  crop_scale: tuple[float, float] = (0.08, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 hflip: float = 0.0, random_erasing: float = 0.0, trivial_augment: float = 0.0):
+                 hflip: float = 0.0, random_erasing: float = 0.0, trivial_augment: float = 0.0, translate: int = 0):
         self.normalize = normalize
+        self.translate = translate
         self.random_erasing = random_erasing
         self.trivial_augment = trivial_augment
         self.image_size = image_size
@@ -143,12 +145,15 @@ class BatchAugment:
 
     @property
     def active(self) -> bool:
-        return self.crop or self.hflip > 0
+        return self.crop or self.hflip > 0 or self.translate > 0
 
     def plan(self, n: int, height: int, width: int, generator: torch.Generator | None = None,
              device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """The crop + flip of the next ``n`` images of size height x width, as the
-        coordinates ``resample`` reads, (n, 2, image_size); None when neither is on.
+        """The crop + translation + flip of the next ``n`` images of size height x width, as
+        the coordinates ``resample`` reads, (n, 2, image_size); None when none is on.
+        A translation of up to ``translate`` pixels moves the box (the whole image, or the
+        crop) by a whole number of pixels along each axis, drawn uniformly; drawn after the
+        flips, so that runs without it draw exactly what they drew before it existed.
 
         Training draws these for many batches at once: at a CIFAR batch of 128 on the
         CPU, the ~25 small tensor ops that draw them took a quarter of the call, and
@@ -161,6 +166,9 @@ class BatchAugment:
             corner = torch.zeros(n, 2, device=device)
             size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(n, 2)
         flip = torch.rand(n, generator=generator, device=device) < self.hflip if self.hflip > 0 else None
+        if self.translate > 0:
+            corner = corner + torch.randint(-self.translate, self.translate + 1, (n, 2), generator=generator,
+                                            device=device)
         return crop_coordinates(corner, size, height, width, self.image_size, flip)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,

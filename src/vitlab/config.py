@@ -56,6 +56,7 @@ class TrainConfig(ArchConfig):
     crop_scale: tuple[float, float] = option((0.7, 1.0), "RandomResizedCrop area range (fractions of the image)")
     crop_ratio: tuple[float, float] = option((0.8, 1.25), "RandomResizedCrop aspect-ratio range")
     hflip: float = option(0.0, "probability of a horizontal flip")
+    translate: int = option(0, "shift each image by up to N pixels along each axis, a whole number drawn uniformly, edge pixels repeated (airbench's translate; with --crop, the crop box moves; 0: off)")
     trivial_augment: float = option(0.0, "probability that an image gets one TrivialAugment-Wide operation (0: off; 1: the published method)")
     repeated_augment: int = option(1, "repeated augmentation: each image appears N times per batch, each copy augmented differently (1: off)")
     random_erasing: float = option(0.0, "probability of erasing a random rectangle of each image (filled with noise)")
@@ -125,6 +126,8 @@ class TrainConfig(ArchConfig):
         lo, hi = self.crop_ratio
         need(0 < lo <= hi, f"--crop-ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
         need(0 <= self.hflip <= 1, f"--hflip is a probability in [0, 1], got {self.hflip}")
+        need(isinstance(self.translate, int) and 0 <= self.translate <= MAX_IMAGE_SIZE,
+             f"--translate must be a whole number of pixels from 0 to {MAX_IMAGE_SIZE}, got {self.translate!r}")
         need(self.attention in ATTENTION_KERNELS, f"--attention must be auto, sdpa or explicit, got {self.attention!r}")
         need(self.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),

@@ -451,7 +451,7 @@ class Parts:
             optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay),
             normalize=normalize,
             augment=BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip,
-                                 cfg.random_erasing, cfg.trivial_augment),
+                                 cfg.random_erasing, cfg.trivial_augment, cfg.translate),
             aug_gen=torch.Generator(device=rt.device).manual_seed(cfg.seed),
             train_images=data.train.images.to(rt.device),
             train_labels=data.train.labels.to(rt.device),
