@@ -1,6 +1,6 @@
 """Batched augmentation on the training device: no per-image Python.
 
-RandomResizedCrop, translation + horizontal flip use torchvision's parameter distribution
+RandomResizedCrop + horizontal flip use torchvision's parameter distribution
 (area scale and log-uniform aspect ratio, 10 tries, centre-crop fallback) with
 per-sample random draws, and resample the whole batch with one ``grid_sample`` call
 whose per-sample coordinates reproduce torchvision's bilinear resize of each crop
