@@ -178,6 +178,28 @@ def test_exported_folders_load_back_in_their_libraries(digits_run, tmp_path, cap
 
 # -------------------------------------------------------------- refusals
 
+@pytest.mark.parametrize("edit", [
+    lambda m: m.update(channels=True),  # True == 1 to Python, and one mean/std each would have matched it
+    lambda m: m.update(image_size=True),
+    lambda m: m.update(image_size=10**9),
+    lambda m: m.update(format="something else"),
+], ids=["channels-bool", "image-size-bool", "image-size-huge", "format"])
+def test_a_forged_onnx_description_is_refused_in_one_line(tmp_path, digits, edit):
+    ckpt = make_checkpoint(tmp_path / "best", digits)
+    vexport.export(ckpt, "onnx", log=lambda s: None)
+    image = tmp_path / "d.png"
+    Image.fromarray(digits.test.images[0, 0].numpy()).save(image)
+    side = tmp_path / "best.onnx.json"
+    good = CliRunner().invoke(cli, ["predict", str(tmp_path / "best.onnx"), str(image)])
+    assert good.exit_code == 0, good.output  # the untouched export predicts
+    meta = json.loads(side.read_text())
+    edit(meta)
+    side.write_text(json.dumps(meta))
+    result = CliRunner().invoke(cli, ["predict", str(tmp_path / "best.onnx"), str(image)])
+    assert result.exit_code == 1 and "not the description vitlab export writes" in result.output, result.output
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize("arch, fmt, message", [
     (dict(patch_embed="spt"), "timm", "the spt tokenizer"),
     (dict(lsa=True), "hf", "locality self-attention"),

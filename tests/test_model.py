@@ -150,6 +150,8 @@ def test_weight_decay_groups_exclude_biases_norms_and_embeddings():
     (dict(dropout=1.5), "--dropout must be in"),
     (dict(pool="max"), "--pool must be"),
     (dict(depth=10_000), "--depth must be an integer from 1 to 64"),
+    (dict(depth=True), "--depth must be an integer from 1 to 64"),  # True is an int to Python
+    (dict(patch_size=True), "--patch-size must be an integer"),
     (dict(image_size=4096, patch_size=8), "image size must be an integer from 1 to 512"),
     (dict(image_size=512, patch_size=2), "over the limit of 4,096"),
 ])

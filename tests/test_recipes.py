@@ -47,6 +47,19 @@ def test_layer_scale_parameters():
     assert all(id(g) in {id(p) for p in no_decay["params"]} for g in gammas)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("translate", True, "--translate must be a whole number"),
+    ("translate", 1.5, "--translate must be a whole number"),
+    ("translate", -1, "--translate must be a whole number"),
+    ("epochs", True, "--epochs must be a positive integer"),
+    ("max_steps", False, "--max-steps must be a whole number"),
+])
+def test_counts_and_sizes_refuse_bools_and_fractions(field, value, message):
+    """Python counts True as the int 1; a config written in code must not train one epoch because of it."""
+    with pytest.raises(ConfigError, match=message):
+        default_config().replace(**{field: value}).validate()
+
+
 def test_pos_embed_std_sets_the_positional_embeddings_init_and_travels_with_the_checkpoint(tmp_path):
     torch.manual_seed(0)
     default, wide = ViT(ViTConfig(**SMALL)), ViT(ViTConfig(**SMALL, pos_embed_std=1.0))

@@ -41,6 +41,7 @@ from .config import DEFAULT_EVAL_BATCH
 from .errors import CheckpointError, ConfigError
 from .fileio import fsync_dir, read_bounded, sha256_file, temp_dir, write_synced
 from .model import Kernels, ViT, ViTConfig
+from .options import is_whole
 
 FORMAT_VERSION = 2  # 2: no attention kernel in the model config; the data's fingerprint
 READS = (1, 2)
@@ -141,7 +142,7 @@ def _schema(manifest: Any, where: Path) -> CheckpointMeta:
     extra = manifest.get("extra", {})
     need(isinstance(extra, dict) and len(extra) <= 32, "'extra' must be a small object")
     for key in ("epoch", "batch", "step"):
-        need(key not in extra or (isinstance(extra[key], int) and not isinstance(extra[key], bool) and extra[key] >= 0),
+        need(key not in extra or (is_whole(extra[key]) and extra[key] >= 0),
              f"'extra.{key}' must be a whole number >= 0")
     data = manifest.get("data")
     need(data is None or isinstance(data, dict), "'data' must be an object")
@@ -223,7 +224,7 @@ def check_weights_header(folder: Path, cfg: ViTConfig) -> None:
             found = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else entry
             raise CheckpointError(f"{path}: weights do not fit this model's architecture ({name}: expected F32 {list(shape)}, found {found})")
         begin, end = entry.get("data_offsets", (None, None))
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= size - 8 - length
+        if not (is_whole(begin) and is_whole(end) and 0 <= begin <= end <= size - 8 - length
                 and end - begin == 4 * math.prod(shape)):
             raise CheckpointError(f"{path}: weights do not fit this model's architecture ({name}: bad data offsets)")
 

@@ -19,7 +19,7 @@ import yaml
 from .errors import ConfigError
 from .fileio import atomic_write_text, read_bounded
 from .model import ATTENTION_KERNELS, MAX_IMAGE_SIZE, ArchConfig, check_patch_fits
-from .options import flag, from_mapping, option, to_mapping
+from .options import flag, from_mapping, is_whole, option, to_mapping
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder")
 DEFAULT_PRESET = "digits"  # what `vitlab train` with no options runs
@@ -97,13 +97,13 @@ class TrainConfig(ArchConfig):
         super().validate()
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             v = getattr(self, name)
-            need(isinstance(v, int) and v >= 1, f"{flag(name)} must be a positive integer, got {v!r}")
-        need(isinstance(self.max_steps, int) and 0 <= self.max_steps <= 1 << 40,
+            need(is_whole(v) and v >= 1, f"{flag(name)} must be a positive integer, got {v!r}")
+        need(is_whole(self.max_steps) and 0 <= self.max_steps <= 1 << 40,
              f"--max-steps must be a whole number >= 0 (0: off), got {self.max_steps!r}")
         need(self.epochs <= 100_000 and self.batch_size <= 1 << 20 and self.eval_batch_size <= 1 << 20,
              "--epochs, --batch-size and --eval-batch-size must be at most 100,000 and 1,048,576")
         v = self.image_size
-        need(v is None or (isinstance(v, int) and 1 <= v <= MAX_IMAGE_SIZE),
+        need(v is None or (is_whole(v) and 1 <= v <= MAX_IMAGE_SIZE),
              f"--image-size must be an integer from 1 to {MAX_IMAGE_SIZE}, got {v!r}")
         if self.image_size is not None and self.patch_size is not None:
             check_patch_fits(self.image_size, self.patch_size)
@@ -126,7 +126,7 @@ class TrainConfig(ArchConfig):
         lo, hi = self.crop_ratio
         need(0 < lo <= hi, f"--crop-ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
         need(0 <= self.hflip <= 1, f"--hflip is a probability in [0, 1], got {self.hflip}")
-        need(isinstance(self.translate, int) and 0 <= self.translate <= MAX_IMAGE_SIZE,
+        need(is_whole(self.translate) and 0 <= self.translate <= MAX_IMAGE_SIZE,
              f"--translate must be a whole number of pixels from 0 to {MAX_IMAGE_SIZE}, got {self.translate!r}")
         need(self.attention in ATTENTION_KERNELS, f"--attention must be auto, sdpa or explicit, got {self.attention!r}")
         need(self.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32, got {self.precision!r}")

@@ -27,6 +27,7 @@ from .errors import DataError, VitlabError
 from .fileio import atomic_write_text, printable, read_bounded, temp_dir
 from .interop import ExportError, check_exportable, hf_channels, timm_model_args, timm_state_dict, to_hf
 from .model import MAX_IMAGE_SIZE, Kernels, ViT
+from .options import is_whole
 from .report import code_version
 
 FORMATS = ("onnx", "timm", "hf")
@@ -306,8 +307,9 @@ class OnnxModel:
                             f"with vitlab export") from None
         ok = (isinstance(meta, dict) and meta.get("format") == "vitlab-onnx" and isinstance(meta.get("classes"), list)
               and all(isinstance(c, str) and len(c) <= 200 for c in meta["classes"])
-              and isinstance(meta.get("image_size"), int) and 1 <= meta["image_size"] <= MAX_IMAGE_SIZE
-              and meta.get("channels") in (1, 2, 3, 4) and meta.get("input") in ("uint8", "float32 normalised")
+              and is_whole(meta.get("image_size")) and 1 <= meta["image_size"] <= MAX_IMAGE_SIZE
+              and is_whole(meta.get("channels")) and meta["channels"] in (1, 2, 3, 4)
+              and meta.get("input") in ("uint8", "float32 normalised")
               and all(isinstance(meta.get(k), list) and len(meta[k]) == meta["channels"] for k in ("mean", "std")))
         if not ok:
             raise DataError(f"{printable(side)}: not the description vitlab export writes")

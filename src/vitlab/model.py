@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .options import flag, from_mapping, option, to_mapping
+from .options import flag, from_mapping, is_whole, option, to_mapping
 from .runtime import fastest_attention
 
 PATCH_EMBEDS = ("conv", "linear", "spt", "conv-stem", "conv-pool")
@@ -57,10 +57,10 @@ class ArchConfig:
 
         for name, top in (("depth", 64), ("heads", 64), ("dim", 4096), ("mlp_dim", 16384)):
             v = getattr(self, name)
-            need(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= top,
+            need(is_whole(v) and 1 <= v <= top,
                  f"{flag(name)} must be an integer from 1 to {top}, got {v!r}")
         p = self.patch_size
-        need(p is None or (isinstance(p, int) and 1 <= p <= 64), f"--patch-size must be an integer from 1 to 64, got {p!r}")
+        need(p is None or (is_whole(p) and 1 <= p <= 64), f"--patch-size must be an integer from 1 to 64, got {p!r}")
         need(self.dim % self.heads == 0, f"--heads {self.heads} does not divide --dim {self.dim}; dim must be a multiple of heads")
         for name in ("dropout", "attn_dropout", "drop_path"):
             need(0.0 <= getattr(self, name) < 1.0, f"{flag(name)} must be in [0, 1), got {getattr(self, name)}")
@@ -113,7 +113,7 @@ class ViTConfig(ArchConfig):
         super().validate()
         for name, lo, hi in (("image_size", 1, MAX_IMAGE_SIZE), ("channels", 1, 4), ("num_classes", 2, 100_000)):
             v = getattr(self, name)
-            if not (isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi):
+            if not (is_whole(v) and lo <= v <= hi):
                 raise ConfigError(f"{name.replace('_', ' ')} must be an integer from {lo} to {hi:,}, got {v!r}"
                                   + (" (a classifier needs at least 2 classes)" if name == "num_classes" else ""))
         check_patch_fits(self.image_size, self.patch_size, f"image size {self.image_size}")

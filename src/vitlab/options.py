@@ -29,6 +29,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def is_whole(value: Any) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, never a count or a size here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def coerce(key: str, value: Any, annotation: Any, source: str) -> Any:
     """``value`` checked against a field's annotation (YAML and JSON have no tuples, and
     write whole floats for ints): the value to store, or ConfigError naming key and source."""
