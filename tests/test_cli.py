@@ -30,6 +30,7 @@ def test_help_lists_every_config_field():
     (["--hflip", "2"], "--hflip is a probability"),
     (["--crop-scale", "0.5", "0.2"], "--crop-scale must satisfy"),
     (["--device", "tpu"], "--device must be"),
+    (["--device", "cuda:x"], "--device must be auto, cpu, cuda, cuda:N or mps, got 'cuda:x'"),  # torch's error before
 ])
 def test_config_errors_are_one_clear_line(tmp_path, args, message):
     result = run("train", "--out", str(tmp_path), "--quiet", *args)
@@ -38,6 +39,30 @@ def test_config_errors_are_one_clear_line(tmp_path, args, message):
     assert lines[-1].startswith("error: ") and message in lines[-1], result.output
     assert "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []  # a failed start leaves no run folder
+
+
+@pytest.mark.parametrize("command, names", [("evaluate", ("device", "precision", "attention")),
+                                           ("predict", ("device", "precision", "attention")),
+                                           ("explain", ("device",))])
+def test_a_shared_flag_means_what_it_means_in_train(command, names):
+    """--device, --precision and --attention of the other commands come from TrainConfig's fields."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    params = {p.name: p for p in cli.commands[command].params}
+    for name in names:
+        option, field = params[name], fields[name]
+        assert (option.default, option.help) == (field.default, field.metadata["help"]), (command, name)
+        choices = getattr(option.type, "choices", None)
+        assert choices == field.metadata.get("choices"), (command, name)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "explain"])
+def test_a_bad_device_elsewhere_is_one_clear_line(digits_run, tmp_path, command):
+    image = tmp_path / "d.png"
+    Image.fromarray(load_digits()[0].images[0, 0].numpy()).save(image)
+    args = [str(digits_run / "best")] + ([] if command == "evaluate" else [str(image)])
+    result = run(command, *args, "--device", "tpu", *(["--out", str(tmp_path / "x")] if command == "explain" else []))
+    assert result.exit_code == 1 and "--device must be" in result.output.strip().splitlines()[-1], result.output
+    assert "Traceback" not in result.output
 
 
 def test_unknown_dataset_is_rejected_by_the_parser():

@@ -26,8 +26,8 @@ def _field_option(name: str, **extra):
     """A click option for a command other than train, from the TrainConfig field of that name
     (its choices and help), so the same flag means the same thing in every command."""
     f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-    return click.option(flag(name), type=click.Choice(f.metadata["choices"]), default=f.default, show_default=True,
-                        help=f.metadata["help"], **extra)
+    kind = click.Choice(f.metadata["choices"]) if "choices" in f.metadata else None
+    return click.option(flag(name), type=kind, default=f.default, show_default=True, help=f.metadata["help"], **extra)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -163,7 +163,7 @@ def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("--data-dir", help="where the dataset is (default: as in the run's config)")
 @click.option("--download/--no-download", default=None, help="download the dataset into --data-dir if missing")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
+@_field_option("device")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="evaluation batch size [default: the run's]")
 @_field_option("precision")
 @_field_option("attention")
@@ -189,7 +189,7 @@ def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, devi
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True, help="classes to show per image")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
+@_field_option("device")
 @_field_option("precision")
 @_field_option("attention")
 @friendly_errors
@@ -228,7 +228,7 @@ def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str,
 @click.option("--data-dir", help="with --split: where the dataset is (default: as in the run's config)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("explanations"),
               show_default=True, help="folder the PNGs are written to")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps")
+@_field_option("device")
 @friendly_errors
 def explain(checkpoint: Path, images: tuple[Path, ...], method: str, head_fusion: str, discard_ratio: float,
             target: str | None, per_head: bool, per_layer: bool, split: str | None, count: int, data_dir: str | None,
@@ -244,7 +244,7 @@ def explain(checkpoint: Path, images: tuple[Path, ...], method: str, head_fusion
 
     if bool(images) == bool(split):
         raise VitlabError("give image files or --split, not both (and not neither)")
-    predictor = load_predictor(checkpoint, device)
+    predictor = load_predictor(checkpoint, device, precision="fp32")  # explanations compute in fp32: no bf16 timing
     options = dict(head_fusion=head_fusion, discard_ratio=discard_ratio, target=parse_target(target, predictor.classes),
                    per_head=per_head, per_layer=per_layer)
     if split:

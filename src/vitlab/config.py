@@ -20,6 +20,7 @@ from .errors import ConfigError
 from .fileio import atomic_write_text, read_bounded
 from .model import ATTENTION_KERNELS, MAX_IMAGE_SIZE, ArchConfig, check_patch_fits
 from .options import flag, from_mapping, is_whole, option, to_mapping
+from .runtime import check_device_name
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder")
 DEFAULT_PRESET = "digits"  # what `vitlab train` with no options runs
@@ -130,8 +131,7 @@ class TrainConfig(ArchConfig):
              f"--translate must be a whole number of pixels from 0 to {MAX_IMAGE_SIZE}, got {self.translate!r}")
         need(self.attention in ATTENTION_KERNELS, f"--attention must be auto, sdpa or explicit, got {self.attention!r}")
         need(self.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
-        need(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
-             f"--device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+        check_device_name(self.device)
         need(self.on_nonfinite in ("stop", "skip"), f"--on-nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         need(0 <= self.threads <= 4096, f"--threads must be from 0 to 4096, got {self.threads}")
         need(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")

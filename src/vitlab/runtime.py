@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import re
 import sys
 import time
 
@@ -13,7 +14,18 @@ import torch
 from .errors import ConfigError
 
 
+DEVICE_NAME = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,4})?")
+
+
+def check_device_name(name: object) -> None:
+    """A --device is one of a few names: anything else is a ConfigError here, never torch's
+    RuntimeError from ``torch.device`` (which also knows names vitlab cannot run on)."""
+    if not (isinstance(name, str) and DEVICE_NAME.fullmatch(name)):
+        raise ConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
+    check_device_name(name)
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
