@@ -90,7 +90,7 @@ def test_resume_is_bit_exact(tmp_path, stop_after):
     straight = train(_tiny(tmp_path, "straight"), progress=False, log=log)
     with pytest.raises(TrainingInterrupted, match="--resume"):
         train(_tiny(tmp_path, "resumed"), progress=False, log=log, stop_when=lambda state: state.step >= stop_after)
-    with pytest.raises(ConfigError, match="only its runtime fields may change, not epochs"):
+    with pytest.raises(ConfigError, match="continues a run with its saved config; drop --epochs "):
         train(resume=tmp_path / "resumed", progress=False, log=log, changes={"epochs": 9})
     # where and how it reports may change (what the CLI passes for --log-every and the like)
     resumed = train(resume=tmp_path / "resumed", progress=False, log=log, changes={"log_every": 2})

@@ -14,13 +14,10 @@ from typing import Any
 
 import click
 
-from .config import DEFAULT_PRESET, RUNTIME_FIELDS, TrainConfig, load_preset, preset_names, read_preset
+from .config import DEFAULT_PRESET, TrainConfig, check_resume_changes, load_preset, preset_names, read_preset
 from .errors import TrainingInterrupted, VitlabError
 from .fileio import printable
 from .options import flag
-
-RESUME_MAY_CHANGE = tuple(f for f in RUNTIME_FIELDS if f != "download")  # a resumed run never downloads
-
 
 def _field_option(name: str, **extra):
     """A click option for a command other than train, from the TrainConfig field of that name
@@ -148,10 +145,7 @@ def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
                 args += [flag(key), str(value)]
         launch(nproc, args)
     if resume is not None:
-        extra = [flag(e) for e in sorted(set(given) - set(RESUME_MAY_CHANGE))] + (["--preset"] if preset else [])
-        if extra:
-            raise VitlabError(f"--resume continues a run with its saved config; drop {', '.join(extra)} "
-                              f"(it may change only {', '.join(flag(f) for f in RESUME_MAY_CHANGE)})")
+        check_resume_changes(given, preset=bool(preset))
         # rank 0 reads the run folder (under torchrun the others may not have it: vitlab.train.Run.initial_config)
         run_training(resume=resume, changes=given, progress=not quiet)
         return

@@ -9,6 +9,7 @@ is also a CLI flag (``--batch-size`` for ``batch_size``) whose help text is the 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -28,7 +29,17 @@ MAX_CONFIG_BYTES = 1 << 20
 # Fields that say where and how fast a run computes, not what it computes: --resume may
 # change them, and they may differ between a run's config and its checkpoint's copy.
 RUNTIME_FIELDS = ("device", "threads", "log_every", "eval_batch_size", "data_dir", "download", "tensorboard")
+RESUME_MAY_CHANGE = tuple(f for f in RUNTIME_FIELDS if f != "download")  # a resumed run never downloads
 DEFAULT_EVAL_BATCH = 256  # on the 2-core CPU, 256 ran 25-40% faster than 1024 (benchmarks/RESULTS.md)
+
+
+def check_resume_changes(changes: Iterable[str], preset: bool = False) -> None:
+    """--resume continues a run as it started: of its config, only where and how fast it
+    computes may change (``changes``: the field names given; ``preset``: whether --preset was)."""
+    fixed = [flag(k) for k in sorted(set(changes) - set(RESUME_MAY_CHANGE))] + (["--preset"] if preset else [])
+    if fixed:
+        raise ConfigError(f"--resume continues a run with its saved config; drop {', '.join(fixed)} "
+                          f"(it may change only {', '.join(flag(f) for f in RESUME_MAY_CHANGE)})")
 
 
 @dataclass

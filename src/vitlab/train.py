@@ -35,7 +35,7 @@ from . import budget as budgets
 from .budget import Plan, epochs_for, format_duration, parse_duration
 from .checkpoint import (CheckpointMeta, check_weights_header, load_state, load_weights, read_meta, recover,
                          save_checkpoint)
-from .config import RUNTIME_FIELDS, TrainConfig, default_config
+from .config import RUNTIME_FIELDS, TrainConfig, check_resume_changes, default_config
 from .data import DatasetSplits, fingerprint_changes, load_dataset
 from .distributed import Dist, from_env, start, threads_per_rank
 from .distributed import stop as stop_distributed
@@ -342,9 +342,7 @@ class Run:
         every rank) and is handed the run's config by rank 0 once the process group exists."""
         if resume is None:
             return (cfg or default_config()).validate()
-        fixed = sorted(set(changes) - set(RUNTIME_FIELDS))
-        if fixed:
-            raise ConfigError(f"a resumed run keeps its config; only its runtime fields may change, not {', '.join(fixed)}")
+        check_resume_changes(changes)
         if cfg is None and from_env():
             cfg = default_config().replace(**changes)
         elif cfg is None:
