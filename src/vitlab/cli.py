@@ -19,12 +19,22 @@ from .errors import TrainingInterrupted, VitlabError
 from .fileio import printable
 from .options import flag
 
+def _field_type(f: dataclasses.Field) -> Any:
+    """The click type of a TrainConfig field (bools are flags, handled by the callers)."""
+    ann = str(f.type)
+    if "choices" in f.metadata:
+        return click.Choice(f.metadata["choices"])
+    if ann.startswith("tuple"):
+        return (float, float)
+    return int if ann.startswith("int") else float if ann.startswith("float") else str
+
+
 def _field_option(name: str, **extra):
     """A click option for a command other than train, from the TrainConfig field of that name
-    (its choices and help), so the same flag means the same thing in every command."""
+    (its type, default and help), so the same flag means the same thing in every command."""
     f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-    kind = click.Choice(f.metadata["choices"]) if "choices" in f.metadata else None
-    return click.option(flag(name), type=kind, default=f.default, show_default=True, help=f.metadata["help"], **extra)
+    return click.option(flag(name), type=_field_type(f), default=f.default, show_default=True,
+                        help=f.metadata["help"], **extra)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -69,16 +79,12 @@ def _config_options(fn):
     for f in reversed(dataclasses.fields(TrainConfig)):
         name = flag(f.name)
         help_text = f.metadata.get("help", "") + f"  [default: {_default(f)}]"
-        ann = str(f.type)
-        if ann.startswith("bool"):
+        if str(f.type).startswith("bool"):
             opt = click.option(f"{name}/--no-{name[2:]}", f.name, default=None, help=help_text)
-        elif ann.startswith("tuple"):
-            opt = click.option(name, f.name, type=(float, float), default=None, metavar="MIN MAX", help=help_text)
-        elif "choices" in f.metadata:
-            opt = click.option(name, f.name, type=click.Choice(f.metadata["choices"]), default=None, help=help_text)
         else:
-            kind = int if ann.startswith("int") else float if ann.startswith("float") else str
-            opt = click.option(name, f.name, type=kind, default=None, help=help_text)
+            pair = str(f.type).startswith("tuple")
+            opt = click.option(name, f.name, type=_field_type(f), default=None, metavar="MIN MAX" if pair else None,
+                               help=help_text)
         fn = opt(fn)
     return fn
 
