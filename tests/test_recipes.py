@@ -53,6 +53,9 @@ def test_layer_scale_parameters():
     ("translate", -1, "--translate must be a whole number"),
     ("epochs", True, "--epochs must be a positive integer"),
     ("max_steps", False, "--max-steps must be a whole number"),
+    ("threads", 1.5, "--threads must be from 0 to 4096"),  # torch.set_num_threads raised a TypeError at start-up
+    ("checkpoint_every", True, "--checkpoint-every must be >= 0"),
+    ("repeated_augment", 2.5, "--repeated-augment is a repeat count"),
 ])
 def test_counts_and_sizes_refuse_bools_and_fractions(field, value, message):
     """Python counts True as the int 1; a config written in code must not train one epoch because of it."""

@@ -129,7 +129,7 @@ class TrainConfig(ArchConfig):
         need(self.val_size < 1 or float(self.val_size).is_integer(), f"--val-size must be a fraction below 1 or a whole count, got {self.val_size}")
         need(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
         need(0 <= self.trivial_augment <= 1, f"--trivial-augment is a probability in [0, 1], got {self.trivial_augment}")
-        need(1 <= self.repeated_augment <= 16, f"--repeated-augment is a repeat count from 1 to 16, got {self.repeated_augment}")
+        need(is_whole(self.repeated_augment) and 1 <= self.repeated_augment <= 16, f"--repeated-augment is a repeat count from 1 to 16, got {self.repeated_augment}")
         need(0 <= self.random_erasing <= 1, f"--random-erasing is a probability in [0, 1], got {self.random_erasing}")
         for name in ("mixup_alpha", "cutmix_alpha"):
             need(getattr(self, name) >= 0, f"{flag(name)} must be >= 0 (0: off), got {getattr(self, name)}")
@@ -144,8 +144,8 @@ class TrainConfig(ArchConfig):
         need(self.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
         check_device_name(self.device)
         need(self.on_nonfinite in ("stop", "skip"), f"--on-nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
-        need(0 <= self.threads <= 4096, f"--threads must be from 0 to 4096, got {self.threads}")
-        need(self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        need(is_whole(self.threads) and 0 <= self.threads <= 4096, f"--threads must be from 0 to 4096, got {self.threads}")
+        need(is_whole(self.checkpoint_every) and self.checkpoint_every >= 0, f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.time_budget is not None:
             from .budget import parse_duration
 
