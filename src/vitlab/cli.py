@@ -19,6 +19,7 @@ from .errors import TrainingInterrupted, VitlabError
 from .fileio import printable
 from .options import flag
 
+
 def _field_type(f: dataclasses.Field) -> Any:
     """The click type of a TrainConfig field (bools are flags, handled by the callers)."""
     ann = str(f.type)
