@@ -99,3 +99,20 @@ def trust_archive(monkeypatch, name: str, archive: Path) -> None:
     official = vdata.REMOTE[name][0]
     monkeypatch.setitem(vdata.REMOTE, name, [vdata.RemoteFile(official.filename, md5(archive), official.urls,
                                                               archive.stat().st_size)])
+
+
+def forge_manifest(folder: Path, edit=None) -> None:
+    """Edit a checkpoint's model.json (``edit(manifest)``) and forge every checksum so that they
+    match again, its own included: what someone who edits the folder on purpose would do (the
+    checks after the checksums must still catch what is wrong)."""
+    import json
+
+    from vitlab.checkpoint import SELF_DIGEST, manifest_digest, sha256_file
+
+    path = Path(folder) / "model.json"
+    manifest = json.loads(path.read_text())
+    if edit is not None:
+        edit(manifest)
+    manifest["files"] = {name: sha256_file(Path(folder) / name) for name in manifest.get("files", {})}
+    manifest[SELF_DIGEST] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))

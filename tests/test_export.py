@@ -49,6 +49,23 @@ def _vitlab_logits(model: ViT, images, data) -> torch.Tensor:
         return model.eval()(Normalize(data.mean, data.std)(images))
 
 
+def onnx_description(path: Path) -> dict:
+    """The description vitlab keeps inside an exported ONNX file."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    return json.loads(props[vexport.DESCRIPTION_KEY])
+
+
+def set_onnx_description(path: Path, description: dict) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    onnx.helper.set_model_props(model, {vexport.DESCRIPTION_KEY: json.dumps(description)})
+    onnx.save(model, str(path))
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", "unused", val_size=0.1)
@@ -64,8 +81,9 @@ def test_onnx_exports_every_tokenizer_and_lsa(tmp_path, digits, arch):
     report = vexport.export(ckpt, "onnx", log=lambda s: None)
     assert report["passed"] and report["top1_agreement"] == 1.0 and report["max_abs_logit_diff"] < 1e-4
     assert report["source"] == "the first 359 test images of digits"
-    side = json.loads((tmp_path / "best.onnx.json").read_text())
+    side = onnx_description(tmp_path / "best.onnx")  # in the model file itself: one unit
     assert side["check"] == report and side["input"] == "uint8" and side["classes"] == digits.classes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "best.onnx"]  # no second file
 
 
 def test_onnx_graph_has_a_dynamic_batch_and_explicit_attention(tmp_path, digits):
@@ -89,7 +107,7 @@ def test_onnx_graph_has_a_dynamic_batch_and_explicit_attention(tmp_path, digits)
 def test_onnx_float_input(tmp_path, digits):
     ckpt = make_checkpoint(tmp_path / "best", digits)
     report = vexport.export(ckpt, "onnx", tmp_path / "f.onnx", float_input=True, log=lambda s: None)
-    assert report["passed"] and json.loads((tmp_path / "f.onnx.json").read_text())["input"] == "float32 normalised"
+    assert report["passed"] and onnx_description(tmp_path / "f.onnx")["input"] == "float32 normalised"
 
 
 def test_a_failed_check_keeps_nothing(tmp_path, digits, monkeypatch):
@@ -189,14 +207,13 @@ def test_a_forged_onnx_description_is_refused_in_one_line(tmp_path, digits, edit
     vexport.export(ckpt, "onnx", log=lambda s: None)
     image = tmp_path / "d.png"
     Image.fromarray(digits.test.images[0, 0].numpy()).save(image)
-    side = tmp_path / "best.onnx.json"
     good = CliRunner().invoke(cli, ["predict", str(tmp_path / "best.onnx"), str(image)])
     assert good.exit_code == 0, good.output  # the untouched export predicts
-    meta = json.loads(side.read_text())
+    meta = onnx_description(tmp_path / "best.onnx")
     edit(meta)
-    side.write_text(json.dumps(meta))
+    set_onnx_description(tmp_path / "best.onnx", meta)
     result = CliRunner().invoke(cli, ["predict", str(tmp_path / "best.onnx"), str(image)])
-    assert result.exit_code == 1 and "not the description vitlab export writes" in result.output, result.output
+    assert result.exit_code == 1 and "not the one vitlab export writes" in result.output, result.output
     assert "Traceback" not in result.output
 
 
@@ -214,8 +231,12 @@ def test_options_a_format_cannot_express_get_one_line(tmp_path, digits, arch, fm
 
 def test_a_vitlab_01_checkpoint_cannot_go_to_a_timm_folder(tmp_path, digits):
     ckpt = make_checkpoint(tmp_path / "best", digits)
+    def as_01(m):  # as vitlab 0.1 wrote it: format 1, LayerNorm eps 1e-5, no digest of its own
+        del m["model"]["norm_eps"], m["manifest_sha256"]
+        m["format_version"] = 1
+
     manifest = json.loads((ckpt / "model.json").read_text())
-    del manifest["model"]["norm_eps"]  # as vitlab 0.1 wrote it: LayerNorm eps 1e-5
+    as_01(manifest)
     (ckpt / "model.json").write_text(json.dumps(manifest))
     result = CliRunner().invoke(cli, ["export", str(ckpt), "--format", "timm"])
     assert result.exit_code == 1 and "LayerNorm epsilon 1e-05" in result.output

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .fileio import atomic_write_text, read_bounded
+from .fileio import atomic_write_text, read_bounded, read_json
 from .model import Kernels, ViT, ViTConfig, flops_per_image
 from .runtime import autocast, fastest_attention, native_bf16, resolve_precision, synchronize
 
@@ -69,11 +70,26 @@ class Choice:
         for c in candidates:
             if (d.get("attention"), d.get("precision"), d.get("channels_last")) == (c.attention, c.precision,
                                                                                     c.channels_last):
-                ms = d.get("ms")
-                ms = {str(k): float(v) for k, v in ms.items() if isinstance(v, (int, float))} \
-                    if isinstance(ms, dict) and len(ms) <= 16 else {}
-                return replace(c, ms=ms)
+                return replace(c, ms=_timings(d.get("ms")))
         return None
+
+
+def _timings(ms: object) -> dict[str, float]:
+    """The per-candidate milliseconds of a saved choice: only short names with finite,
+    non-negative values of a sane size (a cache file is untrusted: 10**400 is an int that no
+    float can hold); anything else is dropped."""
+    out: dict[str, float] = {}
+    if not isinstance(ms, dict) or len(ms) > 16:
+        return out
+    for k, v in ms.items():
+        if isinstance(k, str) and len(k) <= 64 and isinstance(v, (int, float)) and not isinstance(v, bool):
+            try:
+                v = float(v)
+            except OverflowError:
+                continue
+            if math.isfinite(v) and 0 <= v <= 1e9:
+                out[k] = v
+    return out
 
 
 # ------------------------------------------------------------------ candidates
@@ -140,8 +156,8 @@ def cache_key(fingerprint: dict, model_cfg: ViTConfig, batch: int, training: boo
 def read_cache(path: Path) -> dict:
     """The cache's entries; {} for a missing, oversized or malformed file (never trusted)."""
     try:
-        data = json.loads(read_bounded(path, CACHE_LIMIT))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        data = read_json(path, CACHE_LIMIT)  # a named pipe, a huge or deep file: ignored
+    except (OSError, ValueError):
         return {}
     entries = data.get("entries") if isinstance(data, dict) and data.get("version") == 1 else None
     return {k: v for k, v in entries.items() if isinstance(k, str) and isinstance(v, dict)} \

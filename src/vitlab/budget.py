@@ -1,7 +1,17 @@
 """Training to a wall-clock budget (``--time-budget 30m``): from this machine's measured speed,
 the number of epochs that lets the whole run, final evaluation and report included, end
 within the budget. For the ``vitlab`` command the clock starts when the process starts
-(imports included); for ``vitlab.train.train()`` from Python, when it is called."""
+(imports included); for ``vitlab.train.train()`` from Python, when it is called.
+
+A budget is a wall-clock promise, and a machine shared with other work changes speed while
+a run trains. So the plan made at the start is a first guess: :class:`Keeper` watches the
+pace the run keeps (seconds per step over a recent window, epoch ends measured apart) at
+every log interval, predicts the end from it (the final report slowed by as much as the
+steps are), and re-plans the step count whenever the prediction leaves the budget. Where
+other processes keep cores busy (Linux: /proc/stat against this process's own CPU time), it
+also trains on the cores that are free: a step whose threads wait for a busy core runs
+slower on two threads than on one (benchmarks/busy_machine.py).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +19,18 @@ import math
 import os
 import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-_UNITS = {"s": 1, "m": 60, "h": 3600}
 SAFETY = 0.96  # aim at 96% of the budget: the measured speed drifts by a few per cent on a shared machine
-REPLAN_AT = (0.1, 0.25, 0.5, 0.75)  # shares of the run after which the step count is re-planned from its own pace
+LATE = 0.01  # re-plan at once when the predicted end passes the aim by this share of the budget
+EARLY = 0.04  # ... or falls this share short of it (not more often than every GAP of the budget)
+GAP = 0.05
+WINDOW = 0.15  # the pace is measured over this share of the budget
+MIN_SPAN = 0.03  # ... and trusted once it spans this share of it (at least MIN_SECONDS): early steps are noisy
+MIN_SECONDS = 2.0
 REPORT_SECONDS = 5.0  # drawing the figures, results.md, the last checkpoint: the part that does not scale with the model
 # attention.png explains 32 test images: a forward and backward pass and 22 forward passes of its deletion
 # scores per image, about 26 evaluations of each of them
@@ -85,7 +100,7 @@ class Plan:
     steps: int  # optimizer steps of the run; the last epoch is partial when they are not whole epochs
     revisions: list[str] = field(default_factory=list)  # what each re-plan saw and decided
     latest: int = 0  # the step count as last re-planned (0: as planned)
-    next_check: int = 0  # index into REPLAN_AT of the next re-plan
+    replanned_at: float = -1e18  # seconds into the budget of the last re-plan
 
     @property
     def epochs(self) -> int:
@@ -99,21 +114,39 @@ class Plan:
     def predicted(self) -> float:
         return self.started + self.steps * self.step_seconds + self.epochs * self.epoch_end_seconds + self.final_seconds
 
-    def replan(self, step: int, seconds_per_step: float, elapsed: float) -> int | None:
-        """At the end of an epoch: once the run has passed the next share of REPLAN_AT, the
-        step count that the pace measured so far (``seconds_per_step``, epoch ends included)
-        fits into what is left of the budget after ``elapsed`` seconds; None between re-plans.
-        One timing at the start can be off by 20% on a shared machine; the run's own pace is not."""
+    def replan(self, step: int, epochs_done: int, seconds_per_step: float, epoch_end: float | None,
+               elapsed: float) -> int | None:
+        """The step count that the pace the run keeps (``seconds_per_step``, epoch ends apart;
+        ``epoch_end``: their measured mean, None before the first) fits into what is left of the
+        budget after ``elapsed`` seconds, when the end it predicts has left the budget (later by
+        LATE of it, or earlier by EARLY); else None. The final report is taken to slow down as
+        much as the steps have against the calibration."""
+        slowdown = min(20.0, max(0.5, seconds_per_step / max(self.step_seconds, 1e-9)))
+        final = self.final_seconds * slowdown
+        end = epoch_end if epoch_end is not None else self.epoch_end_seconds * slowdown
         current = self.latest or self.steps
-        if self.next_check >= len(REPLAN_AT) or step < REPLAN_AT[self.next_check] * current:
+        aim = self.budget * SAFETY
+
+        def predicted(total: int) -> float:  # the end of a run of ``total`` steps, at this pace
+            ends = max(1, epochs_for(total, self.steps_per_epoch) - epochs_done)  # this epoch's end included
+            return elapsed + (total - step) * seconds_per_step + ends * end + final
+
+        late = predicted(current) - aim
+        if late <= LATE * self.budget and (late >= -EARLY * self.budget or step >= 0.9 * current
+                                           or elapsed - self.replanned_at < GAP * self.budget):
             return None
-        while self.next_check < len(REPLAN_AT) and step >= REPLAN_AT[self.next_check] * current:
-            self.next_check += 1
-        left = self.budget * SAFETY - elapsed - self.final_seconds
-        steps = max(step, step + math.floor(left / max(seconds_per_step, 1e-9)))
+        low, high = step, step + max(0, math.floor((aim - elapsed) / max(seconds_per_step, 1e-9)))
+        while low < high:  # the longest run that ends by the aim (at least where it is)
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if predicted(mid) <= aim else (low, mid - 1)
+        steps = low
+        if steps == current:
+            return None
+        predicted_then = predicted(current)
         self.revisions.append(f"at step {step} ({format_duration(elapsed)} in): {1e3 * seconds_per_step:.1f} ms per "
-                              f"step with the epoch ends, so {steps} steps instead of {current}")
-        self.latest = steps
+                              f"step and {end:.1f} s per epoch end predicted the end at "
+                              f"{format_duration(predicted_then)}, so {steps} steps instead of {current}")
+        self.latest, self.replanned_at = steps, elapsed
         return steps
 
     def describe(self) -> str:
@@ -148,3 +181,110 @@ def plan(budget: float, step_seconds: float, eval_seconds_per_image: float, step
                           f"{format_duration(need / SAFETY + 1)}")
     return Plan(budget, step_seconds, eval_seconds_per_image, steps_per_epoch, epoch_end, final, started,
                 min(steps, max_steps))
+
+
+class Pace:
+    """The pace a run keeps: seconds per training step over the last ``window`` seconds of
+    training (the epoch ends, whose durations are added up apart, excluded), and the mean
+    duration of an epoch's end."""
+
+    def __init__(self, window: float, min_span: float):
+        self.window, self.min_span = window, min_span
+        self.marks: deque[tuple[float, int]] = deque()  # (training seconds, step)
+        self.end_seconds = 0.0
+        self.ends = 0
+
+    def mark(self, now: float, step: int) -> None:
+        self.marks.append((now - self.end_seconds, step))
+        while len(self.marks) > 2 and self.marks[-1][0] - self.marks[1][0] >= self.window:
+            self.marks.popleft()
+
+    def restart(self) -> None:
+        """Forget the steps so far (the machine's speed just changed on purpose: another thread count)."""
+        while len(self.marks) > 1:
+            self.marks.popleft()
+
+    def epoch_end(self, seconds: float) -> None:
+        self.end_seconds += seconds
+        self.ends += 1
+
+    def seconds_per_step(self) -> float | None:
+        if len(self.marks) < 2:
+            return None
+        (t0, s0), (t1, s1) = self.marks[0], self.marks[-1]
+        return (t1 - t0) / (s1 - s0) if s1 > s0 and t1 - t0 >= self.min_span else None
+
+    def epoch_end_seconds(self) -> float | None:
+        return self.end_seconds / self.ends if self.ends else None
+
+
+class CoreShare:
+    """How many cores other processes keep busy: the machine's busy time (/proc/stat) less this
+    process's own CPU time, per second of wall time since the last reading. Linux only; None
+    elsewhere, or before two readings."""
+
+    def __init__(self):
+        self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self.last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float, float] | None:
+        try:
+            with open("/proc/stat", "rb") as f:
+                fields = f.readline().split()
+            busy = sum(int(fields[i]) for i in (1, 2, 3, 6, 7, 8))  # user nice system irq softirq steal
+        except (OSError, ValueError, IndexError):
+            return None
+        own = os.times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def others(self) -> float | None:
+        now = self._read()
+        last, self.last = self.last, now
+        if now is None or last is None or now[0] - last[0] < MIN_SECONDS:
+            self.last = last if now is not None and last is not None else now
+            return None
+        wall = now[0] - last[0]
+        return max(0.0, ((now[1] - last[1]) / self.hz - (now[2] - last[2])) / wall)
+
+    def threads(self, most: int) -> int | None:
+        """The threads that the cores others leave free can run (1 to ``most``), or None when unknown."""
+        others = self.others()
+        if others is None:
+            return None
+        return max(1, min(most, math.floor(self.cores - others + 0.5)))
+
+
+class Keeper:
+    """A --time-budget run's watch on its own pace: re-plans its length, and its thread count."""
+
+    def __init__(self, plan: Plan, origin: float, threads: int | None):
+        self.plan = plan
+        self.origin = origin  # the time.perf_counter() the budget counts from
+        self.pace = Pace(max(MIN_SECONDS, WINDOW * plan.budget), max(MIN_SECONDS, MIN_SPAN * plan.budget))
+        self.most_threads = threads  # None: the thread count is the user's (--threads) or the job's
+        self.cores = CoreShare() if threads else None
+        self.threads_now = threads
+
+    def start(self, now: float, step: int) -> None:
+        self.pace.mark(now, step)
+
+    def threads(self) -> int | None:
+        """A new thread count for the cores free now, or None to keep the current one."""
+        if self.cores is None:
+            return None
+        best = self.cores.threads(self.most_threads)
+        if best is None or best == self.threads_now:
+            return None
+        self.threads_now = best
+        self.pace.restart()
+        return best
+
+    def check(self, step: int, epochs_done: int, now: float) -> int | None:
+        """At a log interval: a new step count for the run, or None."""
+        self.pace.mark(now, step)
+        pace = self.pace.seconds_per_step()
+        if pace is None:
+            return None
+        return self.plan.replan(step, epochs_done, pace, self.pace.epoch_end_seconds(), now - self.origin)

@@ -4,8 +4,10 @@ before anything is allocated.
 A checkpoint folder holds
   ``model.safetensors``  the weights;
   ``model.json``         format version, the ViTConfig, class names, normalisation
-                         statistics, the data's fingerprint, and the SHA-256 of every
-                         other file in the folder;
+                         statistics, the data's fingerprint, the SHA-256 of every
+                         other file in the folder, and the SHA-256 of its own other
+                         fields (an edited field that changes no weight's shape, such as
+                         the number of heads, would otherwise compute another function);
   ``config.yaml``        the full run configuration;
   ``state.pt``           (optional) optimizer state, step counters and RNG states,
                          loaded with ``torch.load(weights_only=True)``.
@@ -21,6 +23,7 @@ checked against the architecture it describes before a model is built.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -39,12 +42,13 @@ from safetensors.torch import load_file, save
 from .autotune import choose
 from .config import DEFAULT_EVAL_BATCH
 from .errors import CheckpointError, ConfigError
-from .fileio import fsync_dir, read_bounded, sha256_file, temp_dir, write_synced
+from .fileio import fsync_dir, open_regular, remove, read_bounded, read_json, sha256_file, temp_dir, write_synced
 from .model import Kernels, ViT, ViTConfig
 from .options import is_whole
 
-FORMAT_VERSION = 2  # 2: no attention kernel in the model config; the data's fingerprint
-READS = (1, 2)
+FORMAT_VERSION = 3  # 2: no attention kernel in the model config; the data's fingerprint. 3: the manifest's own digest
+READS = (1, 2, 3)
+SELF_DIGEST = "manifest_sha256"
 MANIFEST = "model.json"
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -92,12 +96,12 @@ def save_checkpoint(folder: Path, model: torch.nn.Module, meta: CheckpointMeta, 
             "data": meta.data,
             "files": files,
         }
+        manifest[SELF_DIGEST] = manifest_digest(manifest)
         write_synced(tmp / MANIFEST, json.dumps(manifest, indent=2).encode())
         fsync_dir(tmp)
         prev = folder.with_name(folder.name + ".prev")
-        if folder.exists():
-            if prev.exists():
-                shutil.rmtree(prev)
+        if folder.exists() or folder.is_symlink():
+            remove(prev)
             os.replace(folder, prev)
         os.replace(tmp, folder)
         fsync_dir(folder.parent)
@@ -114,6 +118,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
+
+
+def manifest_digest(manifest: dict) -> str:
+    """The SHA-256 of a manifest's fields other than this digest, in a canonical JSON form."""
+    body = {k: v for k, v in manifest.items() if k != SELF_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------- reading
@@ -144,6 +154,11 @@ def _schema(manifest: Any, where: Path) -> CheckpointMeta:
     for key in ("epoch", "batch", "step"):
         need(key not in extra or (is_whole(extra[key]) and extra[key] >= 0),
              f"'extra.{key}' must be a whole number >= 0")
+    acc = extra.get("val_acc")
+    need(acc is None or (isinstance(acc, (int, float)) and not isinstance(acc, bool) and 0 <= acc <= 1),
+         "'extra.val_acc' must be an accuracy from 0 to 1")
+    need(extra.get("weights", "raw") in ("raw", "ema"), "'extra.weights' must be 'raw' or 'ema'")
+    need(isinstance(extra.get("kernels", {}), dict), "'extra.kernels' must be an object")
     data = manifest.get("data")
     need(data is None or isinstance(data, dict), "'data' must be an object")
     return CheckpointMeta(cfg, list(classes), tuple(float(v) for v in stats[0]), tuple(float(v) for v in stats[1]),
@@ -157,14 +172,17 @@ def read_manifest(folder: Path) -> dict:
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such checkpoint folder (expected e.g. runs/<run>/best)")
     try:
-        manifest = json.loads(read_bounded(path, MAX_MANIFEST_BYTES))
+        manifest = read_json(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise CheckpointError(f"{folder}: not a vitlab checkpoint ({MANIFEST} missing)") from None
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: damaged ({e})") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: damaged ({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if version not in READS:
+    if not is_whole(version) or version not in READS:
         raise CheckpointError(f"{path}: unsupported checkpoint format {version!r} (this vitlab reads {', '.join(map(str, READS))})")
+    if version >= 3 and manifest.get(SELF_DIGEST) != manifest_digest(manifest):
+        raise CheckpointError(f"{path}: damaged (its fields do not match its own checksum: the file was edited or "
+                              f"corrupted after vitlab wrote it)")
     return manifest
 
 
@@ -203,14 +221,14 @@ def check_weights_header(folder: Path, cfg: ViTConfig) -> None:
     ``cfg``'s architecture, in float32, laid out within the file."""
     path = Path(folder) / WEIGHTS
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > MAX_HEADER_BYTES:
                 raise ValueError(f"header of {length:,} bytes")
             header = json.loads(f.read(length))
         size = path.stat().st_size
     except (OSError, ValueError, struct.error, RecursionError) as e:
-        raise CheckpointError(f"{path}: cannot read weights ({e})") from None
+        raise CheckpointError(f"{path}: cannot read weights ({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: cannot read weights (the header is not a JSON object)")
     header.pop("__metadata__", None)
@@ -247,13 +265,13 @@ def load_state(folder: Path) -> dict:
     """The training state of ``folder`` (structure unchecked: ``TrainState.from_dict`` checks it)."""
     path = Path(folder) / STATE
     try:
-        if path.stat().st_size > MAX_STATE_BYTES:
-            raise CheckpointError(f"{path}: larger than the {MAX_STATE_BYTES:,}-byte limit for a training state")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        raw = read_bounded(path, MAX_STATE_BYTES)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing; this checkpoint holds weights only and cannot be resumed") from None
-    except CheckpointError:
-        raise
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot load training state ({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as e:  # refused unpickling (code objects), truncation, ...
         raise CheckpointError(f"{path}: cannot load training state ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})") from None
     if not isinstance(state, dict):
@@ -300,14 +318,16 @@ def recover(run_dir: Path, name: str, need_state: bool = True) -> Path | None:
     intact = intact_checkpoints(run_dir, name, need_state)
     if intact and intact[0].name.endswith(".tmp"):  # a finished save that was never renamed into place
         final = run_dir / name
-        if final.exists():
+        if final.exists() or final.is_symlink():
             prev = run_dir / f"{name}.prev"
-            if prev.exists():
-                shutil.rmtree(prev)
+            remove(prev)
             os.replace(final, prev)
         os.replace(intact[0], final)
         fsync_dir(run_dir)
         intact[0] = final
     for stale in run_dir.glob(f".{name}.*.tmp"):
-        shutil.rmtree(stale, ignore_errors=True)
+        try:
+            remove(stale)
+        except OSError:
+            pass
     return intact[0] if intact else None

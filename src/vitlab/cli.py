@@ -43,6 +43,12 @@ def _fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+def _said_elsewhere(e: BaseException) -> bool:
+    """An error another process of a torchrun job has already printed (a rank other than 0
+    repeats rank 0's errors and interruptions to stop alike; one line per job is enough)."""
+    return getattr(e, "from_main", False) or (isinstance(e, TrainingInterrupted) and os.environ.get("RANK", "0") != "0")
+
+
 def friendly_errors(fn):
     """Turn user-caused errors into one line on stderr (tracebacks with --debug)."""
 
@@ -52,17 +58,23 @@ def friendly_errors(fn):
         try:
             return fn(*args, **kwargs)
         except TrainingInterrupted as e:
-            click.secho(f"interrupted: {e}", fg="yellow", err=True)
+            if not _said_elsewhere(e):
+                click.secho(f"interrupted: {e}", fg="yellow", err=True)
             sys.exit(130)
         except VitlabError as e:
             if debug:
                 traceback.print_exc()
+            if _said_elsewhere(e):
+                sys.exit(1)
             _fail(str(e))
         except OSError as e:
             if debug:
                 traceback.print_exc()
-            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-            hint = " — the disk is full; free space and resume with --resume" if e.errno == errno.ENOSPC else ""
+            where = f" ({printable(e.filename)})" if getattr(e, "filename", None) else ""
+            hint = ""
+            if e.errno == errno.ENOSPC:  # only a run has something to resume
+                hint = " — the disk is full; free space and " + ("resume with --resume" if fn.__name__ == "train"
+                                                                  else "run the command again")
             _fail(f"{e.strerror or e}{where}{hint}")
         except KeyboardInterrupt:
             _fail("interrupted", 130)
@@ -73,6 +85,42 @@ def friendly_errors(fn):
 def _default(f: dataclasses.Field) -> Any:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
     return list(default) if isinstance(default, tuple) else default
+
+
+def _launch(nproc: int, preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
+            given: dict[str, Any]) -> int:
+    """``train --nproc N``: the whole config checked here, before any process starts (a bad
+    value, or a global batch the N processes cannot share, is one line at once); then the
+    same command, without --nproc and with the run folder's name fixed, in N ranks."""
+    from .checkpoint import CONFIG
+    from .distributed import launch
+    from .rundir import open_existing
+
+    if resume is not None:
+        check_resume_changes(given, preset=bool(preset))
+        open_existing(resume).release()  # a clear error for what is not a run, or a live one
+        cfg = TrainConfig.load_yaml(resume / CONFIG).replace(**given).validate()
+        run_dir = resume
+    else:
+        cfg = load_preset(preset or DEFAULT_PRESET).replace(**given).validate()
+        if cfg.name is None:  # chosen here, so that this process can name the run in what it says
+            from datetime import datetime
+
+            given["name"] = cfg.name = f"{cfg.dataset}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        run_dir = Path(cfg.out).expanduser() / cfg.name
+    if cfg.batch_size % nproc:
+        raise VitlabError(f"--batch-size {cfg.batch_size} (the global batch) is not divisible by the {nproc} "
+                          f"processes; choose a multiple of {nproc}")
+    args = ["train", *(["--preset", preset] if preset else []), *(["--resume", str(resume)] if resume else []),
+            *(["--overwrite"] if overwrite else []), *(["--quiet"] if quiet else [])]
+    for key, value in given.items():  # the same command, without --nproc, in each process
+        if isinstance(value, bool):
+            args.append(flag(key) if value else "--no-" + flag(key)[2:])
+        elif isinstance(value, tuple):
+            args += [flag(key), *map(str, value)]
+        else:
+            args += [flag(key), str(value)]
+    return launch(nproc, args, printable(run_dir))
 
 
 def _config_options(fn):
@@ -138,19 +186,7 @@ def train(preset: str | None, resume: Path | None, overwrite: bool, quiet: bool,
 
     given = {k: v for k, v in overrides.items() if v is not None}
     if nproc is not None and nproc > 1:
-        from .distributed import launch
-
-        # the same command, without --nproc, in each process
-        args = ["train", *(["--preset", preset] if preset else []), *(["--resume", str(resume)] if resume else []),
-                *(["--overwrite"] if overwrite else []), *(["--quiet"] if quiet else [])]
-        for key, value in given.items():
-            if isinstance(value, bool):
-                args.append(flag(key) if value else "--no-" + flag(key)[2:])
-            elif isinstance(value, tuple):
-                args += [flag(key), *map(str, value)]
-            else:
-                args += [flag(key), str(value)]
-        launch(nproc, args)
+        sys.exit(_launch(nproc, preset, resume, overwrite, quiet, given))
     if resume is not None:
         check_resume_changes(given, preset=bool(preset))
         # rank 0 reads the run folder (under torchrun the others may not have it: vitlab.train.Run.initial_config)
@@ -186,6 +222,10 @@ def evaluate(checkpoint: Path, data_dir: str | None, download: bool | None, devi
                + per_class_table(ev.confusion, ev.classes))
 
 
+def _note(path: Path, text: str) -> None:
+    click.secho(f"{printable(path)}: note: {text}", fg="yellow", err=True)
+
+
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -201,7 +241,7 @@ def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str,
 
     failures = 0
     for path, outcome in predict_files(checkpoint, images, top_k=top_k, device=device, precision=precision,
-                                         attention=attention):
+                                         attention=attention, note=_note):
         if isinstance(outcome, str):
             failures += 1
             click.secho(f"{printable(path)}: error: {outcome}", fg="red", err=True)
@@ -225,7 +265,8 @@ def predict(checkpoint: Path, images: tuple[Path, ...], top_k: int, device: str,
 @click.option("--per-head", is_flag=True, help="also one map per head of the last layer")
 @click.option("--per-layer", is_flag=True, help="also the rollout after each layer")
 @click.option("--split", type=click.Choice(["train", "val", "test"]), help="explain images of the run's own dataset")
-@click.option("--count", type=int, default=32, show_default=True, help="with --split: how many of its first images")
+@click.option("--count", type=int, default=32, show_default=True,
+              help="with --split: how many of its first images (at most 1,024; grids of 64 per page)")
 @click.option("--data-dir", help="with --split: where the dataset is (default: as in the run's config)")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("explanations"),
               show_default=True, help="folder the PNGs are written to")
@@ -254,11 +295,11 @@ def explain(checkpoint: Path, images: tuple[Path, ...], method: str, head_fusion
         _, data = checkpoint_data(checkpoint, predictor.meta, data_dir)
         subset = {"train": data.train, "val": data.val, "test": data.test}[split]
         del options["per_head"], options["per_layer"]
-        for key, path in explain_split(predictor, subset.images, subset.labels, out, split, count, method, **options).items():
-            click.echo(f"{key}: {printable(path)}")
+        for key, paths in explain_split(predictor, subset.images, subset.labels, out, split, count, method, **options).items():
+            click.echo(f"{key}: {', '.join(printable(p) for p in paths)}")
         return
     failures = 0
-    for path, outcome in explain_files(predictor, images, out, method, **options):
+    for path, outcome in explain_files(predictor, list(images), out, method, note=_note, **options):
         if isinstance(outcome, str):
             failures += 1
             click.secho(f"{printable(path)}: error: {outcome}", fg="red", err=True)

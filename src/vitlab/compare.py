@@ -4,18 +4,24 @@ results, and one figure of their validation curves."""
 from __future__ import annotations
 
 import glob
-import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from . import report
+from .checkpoint import CONFIG
 from .config import TrainConfig
 from .errors import VitlabError
-from .fileio import atomic_write_text, printable, read_bounded
+from .fileio import atomic_write_text, printable, read_json
+from .rundir import METRICS, RESULTS_JSON, run_config_problem
 
 # Fields that say where a run wrote or how often it logged, not what it trained.
 IGNORED = ("out", "name", "data_dir", "download", "log_every", "checkpoint_every", "tensorboard", "threads", "device",
            "eval_batch_size")
+
+
+MAX_RESULTS_BYTES = 1 << 20  # results.json: a 100-class confusion matrix is ~50 KB
+PLOTTED = 20  # runs drawn in the figure (the best by validation accuracy); the table lists all
 
 
 @dataclass
@@ -23,7 +29,7 @@ class RunSummary:
     path: Path
     cfg: TrainConfig
     rows: list[dict]
-    results: dict | None  # results.json of a finished run
+    results: dict | None  # the fields of a finished run's results.json that compare shows, checked
 
     @property
     def finished(self) -> bool:
@@ -37,7 +43,7 @@ class RunSummary:
 
     def best_val(self) -> float | None:
         if self.results and self.results.get("best_val_acc") is not None:
-            return float(self.results["best_val_acc"])
+            return self.results["best_val_acc"]
         accs = [max(r["val_acc"], r.get("val_ema_acc", 0.0)) for r in self.rows]
         return max(accs) if accs else None
 
@@ -51,21 +57,60 @@ def expand(patterns: list[str]) -> list[Path]:
     return out
 
 
-def load_run(path: Path) -> RunSummary | None:
-    if not (path / "config.yaml").is_file():
+def _number(value, low: float, high: float) -> float | None:
+    """``value`` if it is a real number in [low, high], else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
-        cfg = TrainConfig.load_yaml(path / "config.yaml")
-        rows = report.read_metrics(path / "metrics.csv")
-    except (VitlabError, ValueError, KeyError, OSError):
+        value = float(value)
+    except OverflowError:
         return None
+    return value if math.isfinite(value) and low <= value <= high else None
+
+
+def read_results(path: Path) -> dict:
+    """What compare shows of a results.json, each field checked; ValueError (naming the field)
+    for a file that is not one vitlab wrote."""
+    data = read_json(path, MAX_RESULTS_BYTES)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    test = data.get("results", {}).get("Test", {}) if isinstance(data.get("results"), dict) else None
+    checked = {"test_acc": _number(test.get("accuracy"), 0, 1) if isinstance(test, dict) else None,
+               "best_val_acc": _number(data.get("best_val_acc"), 0, 1),
+               "train_seconds": _number(data.get("train_seconds"), 0, 1e9),
+               "images_per_second": _number(data.get("images_per_second"), 0, 1e12)}
+    for key, source in (("test_acc", test.get("accuracy") if isinstance(test, dict) else test),
+                        *((k, data.get(k)) for k in ("best_val_acc", "train_seconds", "images_per_second"))):
+        if checked[key] is None and source is not None:
+            raise ValueError(f"its {key.replace('test_acc', 'Test accuracy')} is {str(source)[:40]!r}")
+    return checked
+
+
+def load_run(path: Path, warn=print) -> RunSummary | None:
+    """The run at ``path``, or None when it is not a run folder vitlab can read (saying why,
+    when it has a config.yaml)."""
+    if not (path / CONFIG).exists():
+        return None
+    problems: list[str] = []
+    try:
+        problem = run_config_problem(path / CONFIG)
+        if problem is not None:
+            raise VitlabError(problem)
+        cfg = TrainConfig.load_yaml(path / CONFIG).validate()
+        rows = report.read_metrics(path / METRICS, problems)
+    except VitlabError as e:
+        warn(f"skipped {printable(path)}: {e}")
+        return None
+    for p in problems:
+        warn(f"note: {p}")
     results = None
-    if (path / "results.json").is_file():
+    if (path / RESULTS_JSON).exists():
         try:
-            results = json.loads(read_bounded(path / "results.json", 64 << 20))
-        except (OSError, ValueError):
-            results = None
-    return RunSummary(path, cfg, rows, results if isinstance(results, dict) else None)
+            results = read_results(path / RESULTS_JSON)
+        except (OSError, ValueError) as e:
+            warn(f"note: {printable(path / RESULTS_JSON)} is not a vitlab results file "
+                 f"({e.strerror if isinstance(e, OSError) and e.strerror else e}); the run is shown as unfinished")
+    return RunSummary(path, cfg, rows, results)
 
 
 def differing_fields(runs: list[RunSummary]) -> list[str]:
@@ -84,7 +129,7 @@ def table(runs: list[RunSummary]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         res = r.results or {}
-        test = res.get("results", {}).get("Test", {}).get("accuracy")
+        test = res.get("test_acc")
         dataset = r.cfg.dataset + ("" if r.cfg.dataset == main_dataset else " (other dataset)")
         seconds = res.get("train_seconds")
         cells = [printable(r.path.name), dataset, r.status, *(_fmt(getattr(r.cfg, f)) for f in diff), _fmt(r.best_val()),
@@ -95,9 +140,14 @@ def table(runs: list[RunSummary]) -> str:
 
 
 def plot(runs: list[RunSummary], path: Path) -> None:
+    """The validation curves of at most PLOTTED runs (the best by validation accuracy), so that
+    the figure and its legend stay readable (and its file small) whatever the number of runs."""
     fig = report.new_figure(11, 4)
     ax_acc, ax_loss = fig.subplots(1, 2)
-    for r in runs:
+    shown = sorted(runs, key=lambda r: -(r.best_val() or 0.0))[:PLOTTED]
+    if len(shown) < len(runs):
+        fig.suptitle(f"the {len(shown)} runs of {len(runs)} with the best validation accuracy", fontsize=9)
+    for r in shown:
         if not r.rows:
             continue
         epochs = [row["epoch"] for row in r.rows]
@@ -118,8 +168,11 @@ def compare(patterns: list[str], out: Path, warn=print) -> tuple[str, Path, Path
     """The comparison of the runs named by ``patterns``: (Markdown, its file, the figure)."""
     runs, skipped = [], []
     for path in expand(patterns):
-        summary = load_run(path)
-        (runs if summary is not None else skipped).append(summary or path)
+        summary = load_run(path, warn)
+        if summary is not None:
+            runs.append(summary)
+        elif not (path / CONFIG).exists():  # the others were named with their reason
+            skipped.append(path)
     if skipped:
         warn(f"skipped {len(skipped)} folder(s) that are not vitlab runs: " + ", ".join(printable(p) for p in skipped[:5]))
     if not runs:

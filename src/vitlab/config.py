@@ -207,6 +207,8 @@ def parse_yaml(text: str | bytes, source: str) -> Any:
         return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot read config {source}: {str(e).splitlines()[0] if str(e) else e}") from None
+    except RecursionError:  # PyYAML composes nested collections recursively: '[[[[...' of a few KB
+        raise ConfigError(f"cannot read config {source}: nested too deeply to be a vitlab config") from None
 
 
 def load_yaml_file(path: Path, limit: int = MAX_CONFIG_BYTES) -> Any:
@@ -214,7 +216,7 @@ def load_yaml_file(path: Path, limit: int = MAX_CONFIG_BYTES) -> Any:
     try:
         raw = read_bounded(Path(path), limit)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read config {path}: {e}") from None
+        raise ConfigError(f"cannot read config {path}: {e.strerror if isinstance(e, OSError) and e.strerror else e}") from None
     return parse_yaml(raw, str(path))
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import DataError
-from .fileio import file_digest, fsync_dir, printable, read_bounded, temp_dir, temp_file
+from .fileio import NotRegularFile, file_digest, fsync_dir, open_regular, printable, read_bounded, temp_dir, temp_file
 from .images import failure_reason, read_image
 
 TEST_FRACTION_WITHOUT_TEST_SPLIT = 0.2  # digits and folders with no test/ subfolder
@@ -252,7 +252,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     its header announces, so a small file that inflates to gigabytes costs nothing."""
     kind = "image" if magic == 2051 else "label"
     try:
-        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+        with open_regular(path) as raw, (gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw) as f:
             head = f.read(4)
             if len(head) < 4:
                 raise DataError(f"{path}: only {len(head)} bytes, too short for an IDX header")
@@ -274,6 +274,8 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
                                 f"{MAX_IDX_BYTES:,}-byte limit; not an MNIST-style file")
             data = f.read(expected)
             trailing = f.read(1)
+    except NotRegularFile as e:
+        raise DataError(str(e)) from None
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({e}); the file is truncated or not gzip — delete it and download again") from None
     if len(data) != expected or trailing:
@@ -530,12 +532,12 @@ def load_image_tree(root: Path, image_size: int, class_dirs: Sequence[str] | Non
     total = sum(len(files) for files in listing)
     check_memory(total, 3, image_size, printable(root))
     images = np.empty((total, 3, image_size, image_size), dtype=np.uint8)  # filled in place: no second copy
-    labels, skipped = [], []
+    labels, skipped, notes = [], [], []
     for label, (cls, files) in enumerate(zip(class_dirs, listing)):
         count = 0
         for path in files:
             try:
-                images[len(labels)] = read_image(path, "RGB", image_size).transpose(2, 0, 1)
+                images[len(labels)] = read_image(path, "RGB", image_size, notes).transpose(2, 0, 1)
             except (OSError, ValueError) as e:  # ImageRefused is a ValueError; Pillow raises both
                 skipped.append(f"{printable(path)} ({failure_reason(e)})")
                 continue
@@ -546,6 +548,8 @@ def load_image_tree(root: Path, image_size: int, class_dirs: Sequence[str] | Non
     if skipped:
         shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         warn(f"skipped {len(skipped)} unreadable file(s) under {printable(root)}: {shown}")
+    for note in sorted(set(notes)):
+        warn(f"note: {notes.count(note)} image(s) under {printable(root)}: {note}")
     if not labels:
         raise DataError(f"{printable(root)}: no readable images")
     return ImageSet(torch.from_numpy(images[: len(labels)]), torch.tensor(labels, dtype=torch.int64)), classes

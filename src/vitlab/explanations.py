@@ -1,21 +1,31 @@
 """Explanation figures: for image files, for images of a run's own dataset, and the
 ``attention.png`` every training run writes. The maps come from :mod:`vitlab.explain`;
-each carries its faithfulness score (the deletion AUC of that map against random order)."""
+each carries its faithfulness score (the deletion AUC of that map against random order).
+
+What is written is bounded whatever is asked: images are explained CHUNK at a time (memory
+does not grow with their number), a grid holds at most PAGE images (more go to numbered
+pages), a split gives at most MAX_COUNT images, and a figure of per-head or per-layer maps
+wraps at MAX_COLUMNS."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from . import explain, report
 from .errors import ConfigError, DataError
 from .fileio import printable
-from .images import failure_reason
+from .images import check_channels, failure_reason
 from .inference import Predictor
+
+CHUNK = 64  # images explained at a time
+PAGE = 64  # images in one grid figure (8 x 8)
+MAX_COUNT = 1024  # images of a split that one command explains (16 pages of each kind at most)
+MAX_COLUMNS = 12  # per-head / per-layer maps in one row of a figure
 
 
 @dataclass
@@ -88,10 +98,11 @@ def overlay(ax, image: torch.Tensor, heat: torch.Tensor) -> None:
 def plot_one(ex: Explained, i: int, classes: Sequence[str], path: Path, method: str, name: str) -> None:
     """image | heatmap | overlay (and the per-head / per-layer maps below), titled with the
     top classes and the map's faithfulness score."""
-    rows = [("", ex.maps[i:i + 1])]
+    rows = [("", ex.maps[i:i + 1], 0)]
     for key, label in (("heads", "head"), ("layers", "after layer")):
         if key in ex.extra:
-            rows.append((label, ex.extra[key][i]))
+            maps = ex.extra[key][i]
+            rows += [(label, maps[j: j + MAX_COLUMNS], j) for j in range(0, len(maps), MAX_COLUMNS)]
     cols = max(3, *(len(r[1]) for r in rows[1:])) if len(rows) > 1 else 3
     fig = report.new_figure(2.2 * cols, 2.4 * len(rows) + 0.6)
     axes = fig.subplots(len(rows), cols, squeeze=False)
@@ -103,10 +114,10 @@ def plot_one(ex: Explained, i: int, classes: Sequence[str], path: Path, method: 
     axes[0, 1].set_title(f"{method} map", fontsize=8)
     overlay(axes[0, 2], ex.images[i], ex.maps[i])
     axes[0, 2].set_title("overlay", fontsize=8)
-    for r, (label, maps) in enumerate(rows[1:], start=1):
+    for r, (label, maps, first) in enumerate(rows[1:], start=1):
         for j, heat in enumerate(maps):
             overlay(axes[r, j], ex.images[i], heat)
-            axes[r, j].set_title(f"{label} {j + 1}", fontsize=7)
+            axes[r, j].set_title(f"{label} {first + j + 1}", fontsize=7)
     fig.suptitle(f"{printable(name)}: {_title(ex, i, classes)}\n{_score(ex, i)}", fontsize=8)
     report.save_png(fig, path)
 
@@ -139,47 +150,63 @@ def plot_grid(ex: Explained, index: Sequence[int], classes: Sequence[str], label
 
 
 def explain_files(predictor: Predictor, paths: Sequence[Path], out: Path, method: str = "gradient",
-                  **options) -> list[tuple[Path, Path | str]]:
-    """One PNG per readable image file in ``out``; for each path, the PNG or why not."""
+                  note: Callable[[Path, str], None] | None = None, **options) -> Iterator[tuple[Path, Path | str]]:
+    """One PNG per readable image file in ``out``, CHUNK files at a time; for each path, the
+    PNG or why not. ``note(path, text)`` hears what decoding did to an image."""
     from .images import load_image
 
     m = predictor.meta.model
-    loaded, results = [], []
-    for path in paths:
-        try:
-            loaded.append((Path(path), load_image(Path(path), m.channels, m.image_size)))
-        except (OSError, ValueError) as e:
-            results.append((Path(path), failure_reason(e)))
-    if not loaded:
-        return results
-    ex = explain_images(predictor, torch.stack([img for _, img in loaded]), method, **options)
-    out.mkdir(parents=True, exist_ok=True)
+    check_channels(m.channels, printable(predictor.meta.dataset) + " model")
     used: set[str] = set()
-    for i, (path, _) in enumerate(loaded):
-        stem = printable(path.stem) or "image"
-        name, k = f"{stem}-{method}.png", 1
-        while name in used:
-            k += 1
-            name = f"{stem}-{k}-{method}.png"
-        used.add(name)
-        plot_one(ex, i, predictor.classes, out / name, method, path.name)
-        results.append((path, out / name))
-    return results
+    for start in range(0, len(paths), CHUNK):
+        loaded = []
+        for path in paths[start: start + CHUNK]:
+            notes: list[str] = []
+            try:
+                loaded.append((Path(path), load_image(Path(path), m.channels, m.image_size, notes)))
+            except (OSError, ValueError) as e:
+                yield Path(path), failure_reason(e)
+                continue
+            for text in notes if note is not None else ():
+                note(Path(path), text)
+        if not loaded:
+            continue
+        ex = explain_images(predictor, torch.stack([img for _, img in loaded]), method, **options)
+        out.mkdir(parents=True, exist_ok=True)
+        for i, (path, _) in enumerate(loaded):
+            stem = printable(path.stem) or "image"
+            name, k = f"{stem}-{method}.png", 1
+            while name in used:
+                k += 1
+                name = f"{stem}-{k}-{method}.png"
+            used.add(name)
+            plot_one(ex, i, predictor.classes, out / name, method, path.name)
+            yield path, out / name
 
 
 def explain_split(predictor: Predictor, images: torch.Tensor, labels: torch.Tensor, out: Path, split: str,
-                  count: int, method: str = "gradient", **options) -> dict[str, Path]:
-    """The first ``count`` images of a split, explained, as two grids: correct and mistaken."""
-    if not 1 <= count <= len(images):
-        raise DataError(f"--count {count} is beyond the {split} split's {len(images)} images (choose 1..{len(images)})")
-    ex = explain_images(predictor, images[:count], method, **options)
-    right = ex.logits.argmax(1) == labels[:count]
+                  count: int, method: str = "gradient", **options) -> dict[str, list[Path]]:
+    """The first ``count`` images of a split, explained, as grids of correct and of mistaken
+    ones (``<split>-correct-<method>.png``; past PAGE images, numbered pages ``-2``, ``-3`` ...)."""
+    limit = min(len(images), MAX_COUNT)
+    if not 1 <= count <= limit:
+        beyond = f"the {split} split's {len(images)} images" if count > len(images) else \
+            f"the limit of {MAX_COUNT:,} images one command explains (16 pages of 64)"
+        raise DataError(f"--count {count} is beyond {beyond} (choose 1..{limit})")
+    logits = predictor.logits(images[:count])
+    right = logits.argmax(1) == labels[:count]
     out.mkdir(parents=True, exist_ok=True)
-    written = {}
+    written: dict[str, list[Path]] = {}
     for key, mask in (("correct", right), ("mistaken", ~right)):
-        index = mask.nonzero().flatten().tolist()
-        path = out / f"{split}-{key}-{method}.png"
-        plot_grid(ex, index, predictor.classes, labels[:count], path,
-                  f"{split}: {len(index)} of {count} images {key}, {method} maps")
-        written[key] = path
+        index = mask.nonzero().flatten()
+        pages = [index[i: i + PAGE] for i in range(0, len(index), PAGE)] or [index]
+        written[key] = []
+        for number, page in enumerate(pages, start=1):
+            ex = explain_images(predictor, images[page], method, **options)
+            suffix = "" if number == 1 else f"-{number}"
+            path = out / f"{split}-{key}-{method}{suffix}.png"
+            of = f" (page {number} of {len(pages)})" if len(pages) > 1 else ""
+            plot_grid(ex, range(len(page)), predictor.classes, labels[page], path,
+                      f"{split}: {len(index)} of {count} images {key}{of}, {method} maps")
+            written[key].append(path)
     return written

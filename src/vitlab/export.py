@@ -3,9 +3,16 @@ folder, each checked against the original before it is kept.
 
 Every export runs the exported model in its own runtime (onnxruntime, timm, transformers)
 on test images of the run's dataset (random images when the data is not found, saying
-so), compares its logits with vitlab's in fp32, writes the comparison beside the export,
-and removes the export again when the top-1 predictions disagree on any image or the
-largest logit difference exceeds the format's tolerance (:data:`TOLERANCE`).
+so), compares its logits with vitlab's in fp32, and keeps the export only when the top-1
+predictions agree on every image and the largest logit difference is within the format's
+tolerance (:data:`TOLERANCE`).
+
+An export is one unit: an ONNX file carries its description (classes, input, normalisation,
+the check) in its own metadata, so model and description cannot part; a timm or Hugging
+Face folder is written whole under a temporary name and renamed into place. An existing
+``--out`` is replaced only when it is an export of vitlab's (an ONNX file with vitlab's
+description; a folder holding only the files an export writes); a link, or anything else,
+is refused before any work.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ import torch
 from .augment import Normalize
 from .checkpoint import check_weights_header, load_weights, read_meta
 from .errors import DataError, VitlabError
-from .fileio import atomic_write_text, printable, read_bounded, temp_dir
+from .fileio import (atomic_write_text, fsync_dir, owner_tag, parse_json, printable, read_bounded, read_json, temp_dir,
+                     write_synced)
 from .interop import ExportError, check_exportable, hf_channels, timm_model_args, timm_state_dict, to_hf
 from .model import MAX_IMAGE_SIZE, Kernels, ViT
 from .options import is_whole
@@ -37,7 +45,13 @@ EXTRAS = {"onnx": ("onnx", "onnxscript", "onnxruntime"), "timm": ("timm",), "hf"
 # checkpoints tested, timm and transformers ~1e-5; timm's own ONNX check allows 1.5e-3.
 TOLERANCE = {"onnx": 1e-3, "timm": 1e-4, "hf": 1e-4}
 CHECK_IMAGES = 512
-SIDECAR_BYTES = 8 << 20
+DESCRIPTION_KEY = "vitlab"  # the ONNX metadata_props entry holding the description (JSON)
+DESCRIPTION_BYTES = 1 << 20
+MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one file
+REPORT = "vitlab-export.json"  # in a timm or hf export folder
+# What an export folder holds (save_pretrained's and timm's files, and vitlab's report).
+FOLDER_FILES = {"timm": {"config.json", "model.safetensors", REPORT},
+                "hf": {"config.json", "model.safetensors", "preprocessor_config.json", REPORT}}
 
 
 def require(fmt: str) -> None:
@@ -116,14 +130,55 @@ def _reference_logits(model: ViT, images: torch.Tensor, mean, std) -> torch.Tens
 
 
 def default_out(checkpoint: Path, fmt: str) -> Path:
+    """Beside the checkpoint: best.onnx, best-timm/, best-hf/ (``vitlab export .`` inside the
+    checkpoint folder writes beside it too)."""
     checkpoint = Path(checkpoint)
+    if checkpoint.name in ("", ".", ".."):
+        checkpoint = checkpoint.resolve()
     return checkpoint.with_name(checkpoint.name + (".onnx" if fmt == "onnx" else f"-{fmt}"))
+
+
+def check_out(out: Path, fmt: str) -> None:
+    """``out`` may be written: it does not exist, or it is an export of vitlab's in ``fmt``
+    (which the new one replaces). Anything else, a link above all, is refused."""
+    if out.is_symlink():
+        raise ExportError(f"{printable(out)} is a symbolic link; vitlab never writes through a link: choose another --out")
+    if not out.exists():
+        return
+    if fmt == "onnx":
+        if out.is_dir() or not _is_onnx_export(out):
+            raise ExportError(f"{printable(out)} exists and is not an ONNX file vitlab exported; choose another --out")
+        return
+    odd = sorted(p.name for p in out.iterdir() if p.name not in FOLDER_FILES[fmt] or p.is_symlink()
+                 or not p.is_file()) if out.is_dir() else None
+    if odd is None or odd or not _is_folder_export(out, fmt):
+        what = "is not a folder" if odd is None else (f"holds {', '.join(map(printable, odd[:4]))}, which an export "
+                                                      f"does not write" if odd else f"is not a {fmt} export of vitlab's")
+        raise ExportError(f"{printable(out)} exists and {what}; choose another --out")
+
+
+def _is_onnx_export(path: Path) -> bool:
+    import onnx
+
+    try:
+        model = onnx.load_model_from_string(read_bounded(path, MAX_ONNX_BYTES))
+    except Exception:  # not a file, not protobuf, not ONNX: not vitlab's
+        return False
+    return any(p.key == DESCRIPTION_KEY for p in model.metadata_props)
+
+
+def _is_folder_export(folder: Path, fmt: str) -> bool:
+    try:
+        report = read_json(folder / REPORT, DESCRIPTION_BYTES)
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("format") == f"vitlab-{fmt}"
 
 
 def export(checkpoint: Path, fmt: str, out: Path | None = None, float_input: bool = False,
            data_dir: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Export ``checkpoint`` as ``fmt`` to ``out`` and check it; returns the check's report
-    (also written to ``out.json`` for ONNX, ``out/vitlab-export.json`` for the folders)."""
+    (also kept in the ONNX file's description, or in ``out/vitlab-export.json`` for the folders)."""
     if fmt not in FORMATS:
         raise VitlabError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     checkpoint = Path(checkpoint)
@@ -133,6 +188,7 @@ def export(checkpoint: Path, fmt: str, out: Path | None = None, float_input: boo
         check_exportable(meta.model, "timm-folder" if fmt == "timm" else fmt)
     require(fmt)
     out = Path(out) if out is not None else default_out(checkpoint, fmt)
+    check_out(out, fmt)  # before any work
     model = ViT(meta.model, Kernels(attention="explicit"))  # explicit attention: every runtime has matmul + softmax
     load_weights(checkpoint, model)
     model.eval()
@@ -143,24 +199,20 @@ def export(checkpoint: Path, fmt: str, out: Path | None = None, float_input: boo
     return (_export_timm if fmt == "timm" else _export_hf)(model, meta, out, imgs, reference)
 
 
-def _sidecar(meta, fmt: str, report: dict, float_input: bool = False) -> dict:
+def _description(meta, fmt: str, report: dict, float_input: bool = False) -> dict:
     return {"format": f"vitlab-{fmt}", "version": 1, "classes": list(meta.classes), "image_size": meta.model.image_size,
             "channels": meta.model.channels, "mean": list(meta.mean), "std": list(meta.std),
             "input": "float32 normalised" if float_input else "uint8", "check": report, "vitlab": code_version()}
 
 
-def _refuse(report: dict, remove: list[Path]) -> None:
-    for path in remove:
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+def _refuse(report: dict) -> None:
     raise ExportError(f"the exported model does not match vitlab's (top-1 agreement {report['top1_agreement']:.4f}, "
                       f"max |logit difference| {report['max_abs_logit_diff']:.2e}, tolerance "
                       f"{report['tolerance']:.0e}); nothing was kept")
 
 
 def _export_onnx(model: ViT, meta, out: Path, float_input: bool, imgs: CheckImages, reference: torch.Tensor) -> dict:
+    import onnx
     import onnxruntime as ort
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,11 +235,16 @@ def _export_onnx(model: ViT, meta, out: Path, float_input: bool, imgs: CheckImag
                          for i in range(0, len(feed), 256)])
         report = compare(reference, got, "onnx", imgs.source)
         if not report["passed"]:
-            _refuse(report, [tmp])
-        os.replace(staged, out)
+            _refuse(report)
+        graph = onnx.load(str(staged))  # the description goes into the model file itself: one unit
+        onnx.helper.set_model_props(graph, {DESCRIPTION_KEY: json.dumps(_description(meta, "onnx", report, float_input))})
+        write_synced(tmp / "described.onnx", graph.SerializeToString())
+        OnnxModel.load(tmp / "described.onnx")  # what predict will read: it loads and agrees with itself
+        check_out(out, "onnx")  # still nothing else there
+        os.replace(tmp / "described.onnx", out)
+        fsync_dir(out.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_text(out.with_name(out.name + ".json"), json.dumps(_sidecar(meta, "onnx", report, float_input), indent=2))
     return report
 
 
@@ -266,19 +323,24 @@ def _keep_if_equal(tmp: Path, out: Path, meta, fmt: str, reference: torch.Tensor
     """A written folder's parity check: refused (and removed) or given its report and moved into place."""
     report = compare(reference, got, fmt, source)
     if not report["passed"]:
-        _refuse(report, [tmp])
-    atomic_write_text(tmp / "vitlab-export.json", json.dumps(_sidecar(meta, fmt, report), indent=2))
-    _replace_folder(tmp, out)
+        _refuse(report)
+    atomic_write_text(tmp / REPORT, json.dumps(_description(meta, fmt, report), indent=2))
+    _replace_folder(tmp, out, fmt)
     return report
 
 
-def _replace_folder(tmp: Path, out: Path) -> None:
-    """Put the checked export in place; an earlier export of vitlab's there is replaced, anything else refused."""
+def _replace_folder(tmp: Path, out: Path, fmt: str) -> None:
+    """Put the checked export in place; an earlier export of vitlab's there is moved aside
+    first and deleted after, so a kill at any moment leaves one whole export (or the old one)."""
+    check_out(out, fmt)
+    old = None
     if out.exists():
-        if not (out / "vitlab-export.json").is_file() or out.is_symlink():
-            raise ExportError(f"{printable(out)} exists and is not a vitlab export; choose another --out")
-        shutil.rmtree(out)
+        old = out.with_name(f".{out.name}.{owner_tag()}.replaced.tmp")
+        os.replace(out, old)
     os.replace(tmp, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------- loading back
@@ -296,27 +358,47 @@ class OnnxModel:
 
     @classmethod
     def load(cls, path: Path) -> "OnnxModel":
+        """An ONNX file of vitlab's, read whole (bounded, a regular file) and run from memory; its
+        description is checked, and checked against the graph's own input and output."""
         require("onnx")
         import onnxruntime as ort
 
-        side = Path(str(path) + ".json")
         try:
-            meta = json.loads(read_bounded(side, SIDECAR_BYTES))
+            raw = read_bounded(path, MAX_ONNX_BYTES)
         except (OSError, ValueError) as e:
-            raise DataError(f"{printable(path)}: cannot read its description {printable(side)} ({e}); export again "
-                            f"with vitlab export") from None
-        ok = (isinstance(meta, dict) and meta.get("format") == "vitlab-onnx" and isinstance(meta.get("classes"), list)
-              and all(isinstance(c, str) and len(c) <= 200 for c in meta["classes"])
-              and is_whole(meta.get("image_size")) and 1 <= meta["image_size"] <= MAX_IMAGE_SIZE
-              and is_whole(meta.get("channels")) and meta["channels"] in (1, 2, 3, 4)
-              and meta.get("input") in ("uint8", "float32 normalised")
-              and all(isinstance(meta.get(k), list) and len(meta[k]) == meta["channels"] for k in ("mean", "std")))
-        if not ok:
-            raise DataError(f"{printable(side)}: not the description vitlab export writes")
+            raise DataError(f"{printable(path)}: cannot read ({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
         try:
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(raw, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise DataError(f"{printable(path)}: onnxruntime cannot load it ({type(e).__name__})") from None
+        text = session.get_modelmeta().custom_metadata_map.get(DESCRIPTION_KEY)
+        if text is None:
+            raise DataError(f"{printable(path)}: holds no vitlab description (an export of another tool, or of vitlab "
+                            f"before 0.3, whose description was a separate file); export it again with vitlab export")
+        try:
+            meta = parse_json(text) if len(text) <= DESCRIPTION_BYTES else None
+        except ValueError:
+            meta = None
+        ok = (isinstance(meta, dict) and meta.get("format") == "vitlab-onnx" and isinstance(meta.get("classes"), list)
+              and 2 <= len(meta["classes"]) <= 100_000
+              and all(isinstance(c, str) and len(c) <= 200 for c in meta["classes"])
+              and is_whole(meta.get("image_size")) and 1 <= meta["image_size"] <= MAX_IMAGE_SIZE
+              and is_whole(meta.get("channels")) and 1 <= meta["channels"] <= 4
+              and meta.get("input") in ("uint8", "float32 normalised")
+              and all(isinstance(meta.get(k), list) and len(meta[k]) == meta["channels"]
+                      and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in meta[k])
+                      for k in ("mean", "std"))
+              and all(0 < v <= 10 for v in meta["std"]) and all(-10 <= v <= 10 for v in meta["mean"]))
+        if not ok:
+            raise DataError(f"{printable(path)}: its description is not the one vitlab export writes")
+        inputs, outputs = session.get_inputs(), session.get_outputs()
+        want_type = "tensor(uint8)" if meta["input"] == "uint8" else "tensor(float)"
+        shape_ok = (len(inputs) == 1 and len(outputs) == 1 and inputs[0].type == want_type
+                    and list(inputs[0].shape[1:]) == [meta["channels"], meta["image_size"], meta["image_size"]]
+                    and list(outputs[0].shape[1:]) == [len(meta["classes"])])
+        if not shape_ok:
+            raise DataError(f"{printable(path)}: its description does not match its graph (input {inputs[0].type} "
+                            f"{inputs[0].shape}, output {outputs[0].shape}); export it again with vitlab export")
         return cls(session, meta["classes"], meta["image_size"], meta["channels"], meta["input"] != "uint8",
                    Normalize(meta["mean"], meta["std"]))
 

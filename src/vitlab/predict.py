@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .images import failure_reason, load_image
+from .fileio import printable
+from .images import check_channels, failure_reason, load_image
 from .inference import checkpoint_data, evaluate, load_predictor, loss_and_accuracy, predict_logits
 
 
@@ -49,11 +50,13 @@ def evaluate_checkpoint(checkpoint: Path, data_dir: str | None = None, download:
 
 
 def predict_files(checkpoint: Path, paths: Sequence[Path], top_k: int = 3, device: str = "auto",
-                  precision: str = "auto", attention: str = "auto") -> Iterator[tuple[Path, list[tuple[str, float]] | str]]:
+                  precision: str = "auto", attention: str = "auto", note: Callable[[Path, str], None] | None = None
+                  ) -> Iterator[tuple[Path, list[tuple[str, float]] | str]]:
     """For each path: a list of (class, probability), best first, or a one-line error.
     ``checkpoint``: a checkpoint folder, or an ONNX file written by ``vitlab export`` (which
-    computes in fp32 with its own kernels, whatever ``precision`` and ``attention`` say)."""
-    if Path(checkpoint).is_file() and Path(checkpoint).suffix == ".onnx":
+    computes in fp32 with its own kernels, whatever ``precision`` and ``attention`` say).
+    ``note(path, text)`` hears what decoding did to an image (transparency composited)."""
+    if Path(checkpoint).suffix == ".onnx" and not Path(checkpoint).is_dir():
         from .export import OnnxModel
 
         model = OnnxModel.load(Path(checkpoint))
@@ -62,12 +65,16 @@ def predict_files(checkpoint: Path, paths: Sequence[Path], top_k: int = 3, devic
         predictor = load_predictor(Path(checkpoint), device, precision, attention)
         m = predictor.meta.model
         classes, channels, size, logits_of = predictor.classes, m.channels, m.image_size, predictor.logits
+    check_channels(channels, printable(checkpoint))
     k = min(top_k, len(classes))
     for path in paths:
+        notes: list[str] = []
         try:
-            image = load_image(Path(path), channels, size)
+            image = load_image(Path(path), channels, size, notes)
         except (OSError, ValueError) as e:  # Pillow raises both for unreadable files; ImageRefused is a ValueError
             yield path, failure_reason(e)
             continue
+        for text in notes if note is not None else ():
+            note(path, text)
         probs, idx = logits_of(image.unsqueeze(0)).softmax(1)[0].topk(k)
         yield path, [(classes[int(i)], float(p)) for p, i in zip(probs, idx)]

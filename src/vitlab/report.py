@@ -17,7 +17,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .fileio import append_synced, atomic_write_bytes, atomic_write_text
+from .errors import DataError
+from .fileio import NotRegularFile, append_synced, atomic_write_bytes, atomic_write_text, printable, read_bounded
 
 METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc"]
 EMA_FIELDS = ["val_ema_loss", "val_ema_acc"]
@@ -25,19 +26,61 @@ EMA_FIELDS = ["val_ema_loss", "val_ema_acc"]
 
 # -------------------------------------------------------------------- metrics
 
-def read_metrics(path: Path) -> list[dict[str, float]]:
-    if not Path(path).is_file():
+MAX_METRICS_BYTES = 8 << 20  # a row is ~150 bytes: 50,000 epochs
+MAX_METRICS_ROWS = 100_000  # --epochs' own limit
+
+
+def read_metrics(path: Path, problems: list[str] | None = None) -> list[dict[str, float]]:
+    """The rows of a run's metrics.csv ([] when there is none), each checked: whole, increasing
+    epochs and steps, finite losses >= 0, accuracies in [0, 1]. The first line that is not such
+    a row ends the file (a crash tears the last line of a log that is appended to); what it
+    was is added to ``problems``. A file that is not vitlab's metrics (other columns, not a
+    regular file, over MAX_METRICS_BYTES) is a DataError."""
+    path = Path(path)
+    if not path.exists():
         return []
-    rows = []
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                r = {k: float(v) for k, v in row.items()}
-            except (TypeError, ValueError):  # a line torn by a crash while it was appended: the end
-                break
-            r["epoch"], r["step"] = int(r["epoch"]), int(r["step"])
-            rows.append(r)
+    try:
+        text = read_bounded(path, MAX_METRICS_BYTES).decode("utf-8")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{printable(path)}: cannot read ({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
+    lines = csv.reader(io.StringIO(text))
+    header = next(lines, None)
+    if header not in (METRIC_FIELDS, METRIC_FIELDS + EMA_FIELDS):
+        raise DataError(f"{printable(path)}: not a vitlab metrics file (columns {header})")
+    rows: list[dict[str, float]] = []
+    for number, line in enumerate(lines, start=2):
+        why = _row_problem(line, header, rows[-1] if rows else None)
+        if why is None and len(rows) >= MAX_METRICS_ROWS:
+            why = f"more than {MAX_METRICS_ROWS:,} rows"
+        if why is not None:
+            if problems is not None and not (number == len(text.splitlines()) and not text.endswith("\n")):
+                problems.append(f"{printable(path)} line {number}: {why}; the rows before it are used")
+            break
+        rows.append({k: (int(float(v)) if k in ("epoch", "step") else float(v)) for k, v in zip(header, line)})
     return rows
+
+
+def _row_problem(line: list[str], header: list[str], previous: dict | None) -> str | None:
+    """Why ``line`` is not the row that follows ``previous``, or None."""
+    if len(line) != len(header):
+        return f"{len(line)} values for {len(header)} columns"
+    try:
+        values = {k: float(v) for k, v in zip(header, line)}
+    except ValueError:
+        return "a value that is not a number"
+    bad = [k for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        return f"{bad[0]} is {values[bad[0]]}"
+    if not all(values[k].is_integer() and 0 <= values[k] <= 1 << 53 for k in ("epoch", "step")):
+        return "epoch and step must be whole numbers"
+    if values["epoch"] != (previous["epoch"] + 1 if previous else 1) or (previous and values["step"] < previous["step"]):
+        return "epochs must count up from 1 and steps may not go back"
+    for k, v in values.items():
+        if k.endswith("_acc") and not 0 <= v <= 1:
+            return f"{k} {v} is not an accuracy"
+        if (k.endswith("_loss") or k == "lr") and v < 0:
+            return f"{k} {v} is negative"
+    return None
 
 
 def _fields(rows: list[dict]) -> list[str]:
@@ -55,11 +98,15 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 def append_metrics(path: Path, rows: list[dict]) -> None:
     """metrics.csv after ``rows[-1]`` was added: one appended line (the cost of an epoch's row
-    does not grow with the run), the whole file when it starts."""
+    does not grow with the run), the whole file when it starts, or when ``path`` is not a
+    file of vitlab's own (a link: replaced, never written through)."""
     if len(rows) <= 1 or not Path(path).is_file():
         write_metrics(path, rows)
-    else:
+        return
+    try:
         append_synced(path, (_line(rows[-1], _fields(rows)) + "\n").encode())
+    except NotRegularFile:
+        write_metrics(path, rows)
 
 
 def _fmt(v) -> str:

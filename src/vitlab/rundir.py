@@ -1,11 +1,14 @@
 """Run folders: what counts as one, who may write in it, and what may replace it.
 
-A run folder is vitlab's own when it holds vitlab's ``config.yaml`` and checkpoints or
-metrics; ``--overwrite`` replaces nothing else, and nothing outside the run folder is
-ever deleted. While a process trains in a run folder it holds an OS lock on
-``<run>/.lock`` (``fcntl.flock``: released by the kernel on any exit, SIGKILL
-included); a second process that would resume or overwrite that run is refused,
-naming the first.
+A run folder is vitlab's own when its ``config.yaml`` is a vitlab run config and everything
+in it is something the trainer writes (:data:`ENTRIES`, checkpoint folders holding only
+checkpoint files, ``tb/`` holding only event files, and vitlab's temporaries);
+``--overwrite`` replaces nothing else, and nothing outside the run folder is ever deleted.
+While a process trains in a run folder it holds an OS lock on ``<run>/.lock``
+(``fcntl.flock``: released by the kernel on any exit, SIGKILL included); a second process
+that would resume or overwrite that run is refused, naming the first. The lock file is
+opened without following links and refused when it is a link of any kind: a run folder
+copied or unpacked from elsewhere may carry one, and truncating it would write outside.
 """
 
 from __future__ import annotations
@@ -16,18 +19,31 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpoint import MANIFEST
-from .config import TrainConfig
+from .checkpoint import CONFIG, MANIFEST, STATE, WEIGHTS
+from .config import TrainConfig, load_yaml_file
 from .errors import ConfigError, VitlabError
-from .fileio import file_mode, fsync_dir, printable
+from .tblog import FOLDER as TENSORBOARD
+from .fileio import NotRegularFile, fsync_dir, open_own, owner_tag, printable, remove, sweep_stale
 
 try:
     import fcntl
 except ImportError:  # Windows: no advisory locks; one process per run folder is then the user's to keep
     fcntl = None
 
+# What the trainer writes in a run folder, and nothing else.
 LOCK = ".lock"
+METRICS = "metrics.csv"
+RESULTS_MD = "results.md"
+RESULTS_JSON = "results.json"
+FIGURES = ("loss_curve.png", "predictions.png", "attention.png", "confusion.png")
 CHECKPOINTS = ("last", "best", "last.prev", "best.prev")
+# `vitlab export` writes beside a checkpoint by default: best.onnx, best-timm/, best-hf/
+EXPORTS = tuple(f"{c}{suffix}" for c in ("best", "last") for suffix in (".onnx", "-timm", "-hf"))
+ENTRIES = frozenset({CONFIG, LOCK, METRICS, RESULTS_MD, RESULTS_JSON, TENSORBOARD, *FIGURES, *CHECKPOINTS, *EXPORTS})
+CHECKPOINT_FILES = frozenset({CONFIG, MANIFEST, WEIGHTS, STATE})
+# Fields every config.yaml vitlab has written holds (the others were added over time): an
+# empty or foreign YAML file parses as the defaults, and is not a run's config.
+CORE_FIELDS = ("dataset", "depth", "dim", "heads", "epochs", "batch_size", "lr", "seed")
 
 
 class RunInUse(VitlabError):
@@ -43,7 +59,10 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         path = self.run_dir / LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fd = open_own(path, os.O_RDWR | os.O_CREAT)
+        except NotRegularFile as e:
+            raise ConfigError(f"{e}; if this run folder is yours, delete {printable(path)} and try again") from None
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,32 +81,80 @@ class RunLock:
             os.close(self.fd)  # closing the descriptor releases the flock
             self.fd = None
 
-    def __enter__(self) -> "RunLock":
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-def _listing(folder: Path, limit: int = 4) -> str:
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
-    if not entries:
+def _listing(names: list[str], limit: int = 4) -> str:
+    if not names:
         return "nothing"
-    shown = ", ".join(printable(e) for e in entries[:limit])
-    return shown + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+    shown = ", ".join(printable(e) for e in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(".tmp")
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What in ``folder`` the trainer does not write (sorted; folders end in '/'): a link where
+    vitlab writes a folder, a checkpoint folder with other files, anything else at all."""
+    odd = []
+    for p in sorted(folder.iterdir()):
+        name = p.name
+        if _is_temp(name):
+            continue
+        if name not in ENTRIES:
+            odd.append(name + ("/" if p.is_dir() and not p.is_symlink() else ""))
+        elif name in CHECKPOINTS or name == TENSORBOARD:
+            if p.is_symlink() or not p.is_dir():
+                odd.append(f"{name} (not a folder of vitlab's)")
+                continue
+            for q in sorted(p.iterdir()):
+                if _is_temp(q.name):
+                    continue
+                known = q.name in CHECKPOINT_FILES if name in CHECKPOINTS else "tfevents" in q.name
+                if not known or q.is_symlink() or not q.is_file():
+                    odd.append(f"{name}/{q.name}")
+    return odd
+
+
+def run_config_problem(path: Path) -> str | None:
+    """Why ``path`` is not a regular file holding a vitlab run configuration (None: it is one)."""
+    if path.is_symlink():
+        return f"{printable(path)} is a symbolic link"
+    if not path.exists():
+        return f"no {path.name}"
+    try:
+        raw = load_yaml_file(path)
+        if not isinstance(raw, dict) or not all(k in raw for k in CORE_FIELDS):
+            return f"{printable(path)} is not a vitlab run config"
+        TrainConfig.from_dict(raw, source=str(path))
+    except VitlabError as e:
+        return str(e)
+    return None
+
+
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a regular file holding a vitlab run configuration."""
+    return run_config_problem(path) is None
 
 
 def kind_of(folder: Path) -> str:
-    """'run' (vitlab's config.yaml plus checkpoints or metrics), 'unstarted' (vitlab's
-    config.yaml and nothing of value: killed before its first checkpoint), or 'other'."""
-    try:
-        TrainConfig.load_yaml(folder / "config.yaml")
-    except VitlabError:
+    """'run' (vitlab's config.yaml plus checkpoints or metrics), 'unstarted' (vitlab's config.yaml
+    and nothing of value: killed before its first checkpoint), or 'other' (anything that is not
+    a run config, or anything in the folder the trainer does not write)."""
+    if not is_run_config(folder / CONFIG) or foreign_entries(folder):
         return "other"
-    if (folder / "metrics.csv").is_file() or any((folder / c / MANIFEST).is_file() for c in CHECKPOINTS):
+    if (folder / METRICS).is_file() or any((folder / c / MANIFEST).is_file() for c in CHECKPOINTS):
         return "run"
-    extras = {p.name for p in folder.iterdir()} - {"config.yaml", LOCK}
-    return "unstarted" if all(e.startswith(".") and e.endswith(".tmp") for e in extras) else "other"
+    return "unstarted"
+
+
+def _not_a_run(folder: Path) -> str:
+    problem = run_config_problem(folder / CONFIG)
+    if problem is not None:
+        names = [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in sorted(folder.iterdir())]
+        return (f"it holds {_listing(names)}, and no run config of vitlab's" if problem == f"no {CONFIG}"
+                or "not a vitlab run config" in problem else problem)
+    return f"it holds {_listing(foreign_entries(folder))}, which vitlab does not write"
 
 
 def create(cfg: TrainConfig, name: str, overwrite: bool) -> tuple[Path, RunLock]:
@@ -96,7 +163,7 @@ def create(cfg: TrainConfig, name: str, overwrite: bool) -> tuple[Path, RunLock]
     checkpoint is replaced without; anything else is refused, saying what is there."""
     out = Path(cfg.out).expanduser()
     run_dir = out / name
-    old_lock = None
+    sweep_stale(out, f".{name}.", ".tmp")  # a replaced run a killed process had not finished deleting
     if run_dir.is_symlink():
         raise ConfigError(f"run folder {run_dir} is a symbolic link; refusing to write through it (choose another --name)")
     if run_dir.exists():
@@ -104,12 +171,12 @@ def create(cfg: TrainConfig, name: str, overwrite: bool) -> tuple[Path, RunLock]
             raise ConfigError(f"{run_dir} exists and is not a folder; choose another --name or --out")
         kind = kind_of(run_dir)
         if kind == "other":
-            raise ConfigError(f"{run_dir} exists and is not a vitlab run folder (it holds {_listing(run_dir)}); "
+            raise ConfigError(f"{run_dir} exists and is not a vitlab run folder ({_not_a_run(run_dir)}); "
                               f"vitlab replaces only its own run folders: choose another --name or --out")
         if kind == "run" and not overwrite:
             raise ConfigError(f"run folder {run_dir} already exists; pass --overwrite to replace it or --name to choose another")
         old_lock = RunLock(run_dir).acquire()  # refuses a live run
-        doomed = out / f".{name}.replaced-{os.getpid()}.tmp"
+        doomed = out / f".{name}.{owner_tag()}.replaced.tmp"
         os.rename(run_dir, doomed)  # out of the way at once; deleted below, where nothing else can reach it
         shutil.rmtree(doomed)
         old_lock.release()
@@ -125,25 +192,28 @@ def create(cfg: TrainConfig, name: str, overwrite: bool) -> tuple[Path, RunLock]
 
 def open_existing(run_dir: Path) -> RunLock:
     """Lock the run folder ``run_dir`` for resuming it; refuses what is not a vitlab run."""
-    if not run_dir.is_dir() or not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run folder (no config.yaml); pass the folder `vitlab train` created")
+    if not run_dir.is_dir() or not (run_dir / CONFIG).is_file():
+        raise ConfigError(f"{run_dir}: not a run folder (no {CONFIG}); pass the folder `vitlab train` created")
     if kind_of(run_dir) == "other":
-        raise ConfigError(f"{run_dir}: not a vitlab run folder (it holds {_listing(run_dir)})")
+        raise ConfigError(f"{run_dir}: not a vitlab run folder ({_not_a_run(run_dir)})")
     return RunLock(run_dir).acquire()
 
 
 def remove_stale(run_dir: Path) -> None:
-    """Delete the temporary files and folders (``.*.tmp``) a killed process left in the run folder."""
-    for stale in run_dir.glob(".*.tmp"):
-        if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+    """Delete the temporary files and folders (``.*.tmp``) a killed process left in the run
+    folder and in its TensorBoard folder (links are removed, never followed)."""
+    for folder in (run_dir, run_dir / TENSORBOARD):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for stale in folder.glob(".*.tmp"):
+            try:
+                remove(stale)
+            except OSError:
+                pass
 
 
 def tidy(run_dir: Path) -> None:
     """After the final report: the crash-safety copies are no longer needed."""
     for name in ("best.prev", "last.prev"):
-        if (run_dir / name).is_dir() and not (run_dir / name).is_symlink():
-            shutil.rmtree(run_dir / name)
+        remove(run_dir / name)
     remove_stale(run_dir)

@@ -4,17 +4,25 @@ Every scalar is logged at its optimizer step: per step the train loss and learni
 per log interval the throughput, per epoch train / val loss and accuracy (raw and EMA
 weights); at the end the figures and the run's hyperparameters with its final metrics
 (the HParams view). A resumed run opens its writer with ``purge_step`` at the checkpoint's
-step, so TensorBoard drops what the killed process wrote after it and the curves equal an
-uninterrupted run's. Without the ``tensorboard`` package (or with ``--no-tensorboard``)
-nothing is written.
+step (0 for a run restarted from its beginning), so TensorBoard drops what the killed
+process wrote after it and the curves equal an uninterrupted run's. The report's events
+(figures and hyperparameters) are one file, written whole under a temporary name and
+renamed to :data:`REPORT_EVENTS`: a report written again (a finished run resumed, or one
+killed while reporting) replaces it instead of logging everything twice. Without the
+``tensorboard`` package (or with ``--no-tensorboard``) nothing is written.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import ConfigError
+from .fileio import fsync_dir, printable, temp_dir
 
 
 def available() -> bool:
@@ -25,15 +33,23 @@ def available() -> bool:
     return True
 
 
+FOLDER = "tb"
+# Event files are read in name order; this name sorts after every timestamped one (until 2286).
+REPORT_EVENTS = "events.out.tfevents.9999999999.vitlab-report"
+
+
 class Board:
     """The run's TensorBoard writer (a no-op when disabled)."""
 
     def __init__(self, run_dir: Path | None, enabled: bool, purge_step: int | None = None):
         self.writer = None
+        self.folder = Path(run_dir) / FOLDER if run_dir is not None else None
         if enabled and run_dir is not None and available():
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge_step, flush_secs=30)
+            if self.folder.is_symlink():
+                raise ConfigError(f"{printable(self.folder)} is a symbolic link; vitlab never writes through a link")
+            self.writer = SummaryWriter(str(self.folder), purge_step=purge_step, flush_secs=30)
 
     def steps(self, first_step: int, losses: torch.Tensor, lrs: list[float]) -> None:
         """Per-step train loss (gathered on the device, read here once) and learning rate."""
@@ -58,19 +74,34 @@ class Board:
                 self.writer.add_scalar(tag, row[key], step)
         self.writer.add_scalar("epoch", row["epoch"], step)
 
-    def figure(self, tag: str, png: Path, step: int) -> None:
-        if self.writer is None or not Path(png).is_file():
-            return
-        from PIL import Image
-
-        with Image.open(png) as im:
-            self.writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
-
-    def hparams(self, config: dict, metrics: dict[str, float], step: int) -> None:
+    def report(self, figures: dict[str, Path], config: dict, metrics: dict[str, float], step: int) -> None:
+        """The run's figures (PNG files it wrote) and hyperparameters with its final metrics, as one
+        event file that replaces the one an earlier report wrote."""
         if self.writer is None:
             return
-        flat = {k: (str(v) if isinstance(v, (list, tuple)) or v is None else v) for k, v in config.items()}
-        self.writer.add_hparams(flat, {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".", global_step=step)
+        from PIL import Image
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        tmp = temp_dir(self.folder, ".report.")
+        try:
+            writer = SummaryWriter(str(tmp))
+            for tag, png in figures.items():
+                if Path(png).is_file():
+                    with Image.open(png) as im:
+                        writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
+            flat = {k: (str(v) if isinstance(v, (list, tuple)) or v is None else v) for k, v in config.items()}
+            tagged = {f"hparam/{k}": v for k, v in metrics.items()}
+            for summary in hparams(flat, tagged):
+                writer.file_writer.add_summary(summary, step)
+            for k, v in tagged.items():
+                writer.add_scalar(k, v, step)
+            writer.close()
+            (events,) = [p for p in tmp.iterdir() if "tfevents" in p.name]
+            os.replace(events, self.folder / REPORT_EVENTS)
+            fsync_dir(self.folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def flush(self) -> None:
         if self.writer is not None:

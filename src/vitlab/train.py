@@ -11,8 +11,10 @@ weights, checkpoint, log), and ``finish_run`` (the report).
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -33,11 +35,11 @@ from . import autotune, errors, report, rundir
 from .augment import BatchAugment, Normalize, mix_batch
 from . import budget as budgets
 from .budget import Plan, epochs_for, format_duration, parse_duration
-from .checkpoint import (CheckpointMeta, check_weights_header, load_state, load_weights, read_meta, recover,
+from .checkpoint import (CONFIG, CheckpointMeta, check_weights_header, load_state, load_weights, read_meta, recover,
                          save_checkpoint)
 from .config import RUNTIME_FIELDS, TrainConfig, check_resume_changes, default_config
 from .data import DatasetSplits, fingerprint_changes, load_dataset
-from .distributed import Dist, from_env, start, threads_per_rank
+from .distributed import LAUNCHER_ENV, Dist, PeerLost, from_env, lost_peer, start, threads_per_rank
 from .distributed import stop as stop_distributed
 from .errors import CheckpointError, ConfigError, DataError, NonFiniteLoss, TrainingInterrupted, VitlabError
 from .fileio import printable, temp_dir
@@ -266,7 +268,9 @@ class Runtime:
                 raise
         result, error = self.dist.broadcast((result, error))
         if error is not None:
-            raise getattr(errors, error[0], VitlabError)(error[1])
+            echo = getattr(errors, error[0], VitlabError)(error[1])
+            echo.from_main = True  # rank 0 has said it: the CLI of this rank stays silent
+            raise echo
         return result
 
     def agree(self, flag: bool) -> bool:
@@ -331,8 +335,8 @@ class Run:
     checkpoint: Path | None = None
     board: Board | None = None  # TensorBoard (rank 0)
     plan: Plan | None = None  # the --time-budget decision
+    keeper: budgets.Keeper | None = None  # a --time-budget run's watch on its pace (rank 0's decides)
     clock_origin: float = 0.0  # the time.perf_counter() a --time-budget counts from
-    paced_from: tuple[float, int] = (0.0, 0)  # (time.perf_counter(), step) when this session's training began
 
     @staticmethod
     def initial_config(cfg: TrainConfig | None, resume: str | Path | None, changes: dict) -> TrainConfig:
@@ -348,7 +352,7 @@ class Run:
         elif cfg is None:
             run_dir = Path(resume).expanduser()
             rundir.open_existing(run_dir).release()  # a clear error for a folder that is not a run, before reading it
-            cfg = TrainConfig.load_yaml(run_dir / "config.yaml").replace(**changes)
+            cfg = TrainConfig.load_yaml(run_dir / CONFIG).replace(**changes)
         return cfg.validate()
 
     @classmethod
@@ -362,7 +366,7 @@ class Run:
         run_dir = Path(resume).expanduser()
         lock = rundir.open_existing(run_dir)  # refuses a run another process is training
         try:
-            saved = TrainConfig.load_yaml(run_dir / "config.yaml")
+            saved = TrainConfig.load_yaml(run_dir / CONFIG)
             cfg = (cfg or saved.replace(**changes)).replace(device=runtime.device, threads=runtime.threads)
             ckpt = recover(run_dir, "last")
             recover(run_dir, "best", need_state=False)
@@ -374,7 +378,7 @@ class Run:
             else:
                 if ckpt.name != "last":  # recover() falls back to last.prev only when last/ is missing or damaged
                     log(f"note: {printable(run_dir / 'last')} is missing or damaged; resuming from {ckpt.name}")
-                checked = TrainConfig.load_yaml(ckpt / "config.yaml")  # covered by the manifest's checksums
+                checked = TrainConfig.load_yaml(ckpt / CONFIG)  # covered by the manifest's checksums
                 # a --time-budget run re-plans its length as it goes: the checkpoint's is the one it continues
                 ignore = RUNTIME_FIELDS + (("max_steps", "epochs") if checked.time_budget else ())
                 for what, other in ((f"{run_dir / 'config.yaml'} differs from", saved), ("this config differs from", cfg)):
@@ -395,7 +399,7 @@ class Run:
         self.save_config()
 
     def save_config(self) -> None:
-        self.cfg.save_yaml(self.dir / "config.yaml", note=self.plan.describe() if self.plan else None)
+        self.cfg.save_yaml(self.dir / CONFIG, note=self.plan.describe() if self.plan else None)
 
     def resume_command(self) -> str:
         return f"vitlab train --resume {printable(self.dir)}"
@@ -549,12 +553,12 @@ def prepare_state(run: Run, parts: Parts, rt: Runtime, log: Callable[[str], None
         def read() -> tuple:
             load_weights(run.checkpoint, parts.model)  # checks the header first
             weights = {k: v.cpu() for k, v in parts.model.state_dict().items()}
-            return load_state(run.checkpoint), weights, report.read_metrics(run.dir / "metrics.csv")
+            return load_state(run.checkpoint), weights, report.read_metrics(run.dir / rundir.METRICS)
 
         d, weights, rows = rt.on_main(read)
         state = TrainState.restore(run.checkpoint / "state.pt", d, weights, parts, rt, rows)
         if rt.main:
-            report.write_metrics(run.dir / "metrics.csv", state.rows)
+            report.write_metrics(run.dir / rundir.METRICS, state.rows)
         log(f"resuming {printable(run.dir)} at epoch {state.epoch + 1}, step {state.step}")
     state.bad_step = torch.full((), -1, dtype=torch.long, device=rt.device)
     state.started = time.perf_counter()
@@ -668,6 +672,19 @@ def save_last(run: Run, parts: Parts, state: TrainState, rt: Runtime) -> None:
             run.board.flush()  # what TensorBoard has is on disk up to this checkpoint
 
 
+def peer_lost(run: Run | None, rt: Runtime, error: BaseException) -> PeerLost:
+    """One line for a collective that failed because another rank went away. Under `vitlab
+    train --nproc` the launcher names the rank that died and says how to resume; a rank other
+    than 0 says nothing of its own (rank 0, or the launcher, speaks for the job)."""
+    last = run.dir / "last" if run is not None and run.dir is not None else None
+    resume = (f"; its last checkpoint is intact, continue with: {run.resume_command()}"
+              if last is not None and last.is_dir() else "")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    e = PeerLost(f"rank {rt.dist.rank}: another process of this job stopped ({first[:160]}){resume}")
+    e.from_main = bool(os.environ.get(LAUNCHER_ENV)) or not rt.main
+    return e
+
+
 def interrupted(run: Run, rt: Runtime, where: str) -> TrainingInterrupted:
     if rt.dist is not None:
         rt.dist.barrier()  # every rank leaves after the checkpoint is written
@@ -698,9 +715,12 @@ def train_epoch(run: Run, parts: Parts, state: TrainState, rt: Runtime, should_s
     t_epoch, seen_at_start = time.perf_counter(), float(rt.global_sums(state.epoch_sums)[2])
     step_on_device = torch.full((), state.step, dtype=torch.long, device=device)
     pending: list[tuple[torch.Tensor, float]] = []  # (loss, lr) of the steps since the last log interval
-    plans = crop_plans(parts.augment, cfg.seed, state.epoch, first, steps, bs, parts.train_images.shape[2:], device)
+    plans = crop_plans(parts.augment, cfg.seed, state.epoch, first, parts.steps_per_epoch, bs,
+                       parts.train_images.shape[2:], device)
     lr = cfg.lr
-    for b, plan in zip(range(first, steps), plans):
+    for b, plan in zip(itertools.count(first), plans):
+        if b >= steps:  # the epoch's length; a --time-budget run may change it at a log interval
+            break
         lr = state.lr_scale * lr_at(state.step, parts.total_steps, parts.warmup_steps, cfg.lr, cfg.min_lr)
         for group in parts.optimizer.param_groups:
             group["lr"] = lr
@@ -743,6 +763,9 @@ def train_epoch(run: Run, parts: Parts, state: TrainState, rt: Runtime, should_s
             left = (parts.total_steps - state.step) * bs / max(rate, 1e-9)  # the epochs to come, at this speed
             bar.set_postfix_str(f"loss {loss_sum / max(seen, 1):.4f} acc {correct / max(seen, 1):.4f} "
                                 f"{rate:,.0f} img/s{mfu} | run ETA {format_duration(left)}")
+            if run.plan is not None:  # a --time-budget run, not resumed (rank 0 decides, the others follow)
+                keep_budget(run, parts, state, rt, log)
+                steps = bar.total = parts.batches_in(state.epoch)
             bar.update((b + 1) - bar.n)
         if b + 1 < steps:
             if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0:
@@ -793,8 +816,6 @@ def end_epoch(run: Run, parts: Parts, state: TrainState, data: DatasetSplits, rt
                                                               cfg.eval_batch_size)
         candidates["ema"] = (row["val_ema_acc"], parts.ema.model)
     state.rows.append(row)
-    if run.plan is not None:  # before the checkpoints below, which then carry the new length
-        replan_budget(run, parts, state, rt, log)
     if run.board is not None:
         run.board.epoch(row)
     kind, (epoch_best, best_model) = max(candidates.items(), key=lambda kv: kv[1][0])
@@ -804,7 +825,7 @@ def end_epoch(run: Run, parts: Parts, state: TrainState, data: DatasetSplits, rt
         parts.meta.extra = {"epoch": state.epoch, "step": state.step, "val_acc": epoch_best, "weights": kind,
                             **rt.kernel_record()}
     if rt.main:
-        report.append_metrics(run.dir / "metrics.csv", state.rows)
+        report.append_metrics(run.dir / rundir.METRICS, state.rows)
         if improved:
             save_checkpoint(run.dir / "best", best_model, parts.meta, parts.config_yaml)
     save_last(run, parts, state, rt)
@@ -814,16 +835,20 @@ def end_epoch(run: Run, parts: Parts, state: TrainState, data: DatasetSplits, rt
         f" | {epoch_seconds:.1f}s {seen / max(epoch_seconds, 1e-9):,.0f} img/s")
 
 
-def replan_budget(run: Run, parts: Parts, state: TrainState, rt: Runtime, log: Callable[[str], None]) -> None:
-    """--time-budget: at the shares budget.REPLAN_AT of the run, fit its step count to the pace
-    it has kept so far (the writing process decides, every rank follows; the schedule stretches
-    or shrinks from here). The checkpoint that follows and config.yaml record the new length."""
-    def decide() -> int | None:
-        t0, s0 = run.paced_from
-        now = time.perf_counter()
-        return run.plan.replan(state.step, (now - t0) / max(1, state.step - s0), now - run.clock_origin)
+def keep_budget(run: Run, parts: Parts, state: TrainState, rt: Runtime, log: Callable[[str], None]) -> None:
+    """--time-budget, at a log interval: fit the run's step count to the pace it keeps (and its
+    threads to the cores other processes leave free). The writing process decides, every rank
+    follows; the schedule stretches or shrinks from here, and the next checkpoint and
+    config.yaml record the new length."""
+    def decide() -> tuple[int | None, int | None]:
+        threads = run.keeper.threads() if run.keeper.cores is not None else None
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return run.keeper.check(state.step, state.epoch, time.perf_counter()), threads
 
-    steps = rt.on_main(decide)
+    steps, threads = rt.on_main(decide)
+    if threads is not None:
+        log(f"time budget: other processes keep cores busy; training on {threads} thread(s) now")
     if steps is None or steps == parts.total_steps:
         return
     run.cfg = run.cfg.replace(max_steps=steps, epochs=epochs_for(steps, parts.steps_per_epoch))
@@ -880,6 +905,9 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
         parts = Parts.build(cfg, data, rt)
         if cfg.time_budget and resume is None:  # a resumed run keeps the steps decided at its start
             run.plan = rt.on_main(lambda: plan_budget(cfg, parts, data, rt, clock_origin))
+            if rt.main:  # the others follow its decisions
+                run.keeper = budgets.Keeper(run.plan, clock_origin, None if cfg.threads or rt.dist is not None
+                                            else torch.get_num_threads())
             run.clock_origin = clock_origin
             length = run.plan.steps / parts.steps_per_epoch
             cfg = cfg.replace(max_steps=run.plan.steps, warmup_epochs=min(cfg.warmup_epochs, length / 5))
@@ -892,9 +920,10 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
             run.dir = created
         if rt.main:  # before the state, which starts the training clock: importing tensorboard takes seconds
             # a resumed run drops the events the killed process wrote after its checkpoint
+            # (a run restarted from its beginning drops all of them)
             run.board = Board(run.dir, cfg.tensorboard,
                               purge_step=int(read_meta(run.checkpoint, verify=False).extra.get("step", 0)) + 1
-                              if run.checkpoint else None)
+                              if run.checkpoint else (0 if resume is not None else None))
         state = prepare_state(run, parts, rt, log)
         peak = matmul_peak(rt.device, rt.amp_dtype, reps=5) if progress else None
         log(f"vitlab: {cfg.dataset} {len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test images "
@@ -908,16 +937,24 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
             def should_stop() -> bool:
                 return signalled.is_set() or (stop_when is not None and stop_when(state))
 
-            run.paced_from = (time.perf_counter(), state.step)
-            while state.epoch < run.cfg.epochs:  # a --time-budget run may re-plan its length at an epoch's end
+            if run.keeper is not None:
+                run.keeper.start(time.perf_counter(), state.step)
+            while state.epoch < run.cfg.epochs:  # a --time-budget run may re-plan its length as it goes
                 t_epoch = time.perf_counter()
                 lr = train_epoch(run, parts, state, rt, should_stop, progress, log, peak)
-                end_epoch(run, parts, state, data, rt, lr, time.perf_counter() - t_epoch, log)
+                t_end = time.perf_counter()
+                end_epoch(run, parts, state, data, rt, lr, t_end - t_epoch, log)
+                if run.keeper is not None:
+                    run.keeper.pace.epoch_end(time.perf_counter() - t_end)
                 if rt.agree(should_stop()) and state.epoch < run.cfg.epochs:
                     raise interrupted(run, rt, f"after epoch {state.epoch}, step {state.step}")
         train_seconds = state.seconds()  # the training itself: the final evaluation and report come after
         run.clock_origin = clock_origin
         return finish_run(run, parts, data, rt, state, train_seconds, time.perf_counter() - session_start, log)
+    except RuntimeError as e:
+        if rt.dist is None or not lost_peer(e):
+            raise
+        raise peer_lost(run, rt, e) from None
     finally:
         if run is not None:
             run.close()
@@ -996,7 +1033,7 @@ def write_report(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state
             "; timed: " + ", ".join(f"{k} {v:.1f} ms" for k, v in rt.choice.ms.items()) if rt.choice and rt.choice.ms
             else ""),
         "code": code,
-        "config": "config.yaml",
+        "config": CONFIG,
         "figures": "[loss_curve.png](loss_curve.png), [predictions.png](predictions.png), "
                    "[attention.png](attention.png) (where it looks: gradient-weighted attention of the same images), "
                    "[confusion.png](confusion.png)",
@@ -1009,9 +1046,9 @@ def write_report(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state
         facts["time budget"] = (f"{format_duration(limit)}; this process ran {format_duration(used)} "
                                 f"({100 * used / limit:.0f}% of it) for {state.step} steps in {cfg.epochs} epochs"
                                 + (f" ({run.plan.describe().replace(chr(10), '; ')})" if run.plan else ""))
-    report.write_results(run.dir / "results.md", title, results, facts,
+    report.write_results(run.dir / rundir.RESULTS_MD, title, results, facts,
                          {"Per-class accuracy (test)": report.per_class_table(confusion, data.classes)})
-    report.write_json(run.dir / "results.json", {
+    report.write_json(run.dir / rundir.RESULTS_JSON, {
         "results": {k: {"loss": v[0], "accuracy": v[1]} for k, v in results.items()},
         "best_epoch": extra.get("epoch", 0), "best_val_acc": extra.get("val_acc"), "epochs": len(state.rows),
         "planned_epochs": cfg.epochs, "train_seconds": train_seconds, "images_per_second": images_per_second,
@@ -1031,10 +1068,9 @@ def write_report(run: Run, parts: Parts, data: DatasetSplits, rt: Runtime, state
               f"{title}: where it looks (gradient-weighted attention)")
     report.plot_confusion(confusion, data.classes, run.dir / "confusion.png", title)
     if run.board is not None:
-        for name in ("predictions", "attention", "confusion"):
-            run.board.figure(name, run.dir / f"{name}.png", state.step)
-        run.board.hparams(cfg.to_dict(), {"best_val_acc": float(extra.get("val_acc") or 0.0),
-                                          "test_acc": results["Test"][1], "test_loss": results["Test"][0]}, state.step)
+        run.board.report({name: run.dir / f"{name}.png" for name in ("predictions", "attention", "confusion")},
+                         cfg.to_dict(), {"best_val_acc": float(extra.get("val_acc") or 0.0),
+                                         "test_acc": results["Test"][1], "test_loss": results["Test"][0]}, state.step)
         run.board.close()
     rundir.tidy(run.dir)
 

@@ -174,3 +174,25 @@ def test_falls_back_to_a_good_mirror(tmp_path, server):
     got = download_file(RemoteFile("f.bin", MD5, (server + "/truncated", server + "/wrong", server + "/good"), SIZE),
                         tmp_path)
     assert got.read_bytes() == _FlakyHandler.body and [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def _fill(disk: Path) -> None:
+    """Fill a tmpfs to the last byte."""
+    try:
+        with open(disk / "filler", "wb", buffering=0) as f:
+            while True:
+                f.write(b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+
+
+def test_a_full_disk_for_commands_that_are_not_train_says_run_it_again(tiny_disk, tmp_path):
+    run = tmp_path / "runs" / "r"
+    assert CliRunner().invoke(cli, ["train", "--out", str(run.parent), "--name", "r", *TINY]).exit_code == 0
+    _fill(tiny_disk)
+    for args in (["compare", str(run), "--out", str(tiny_disk / "c")],
+                 ["explain", str(run / "best"), "--split", "test", "--count", "4", "--out", str(tiny_disk / "e")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "No space left on device" in result.output, (args, result.output)
+        assert "run the command again" in result.output and "--resume" not in result.output, result.output
+        assert "Traceback" not in result.output

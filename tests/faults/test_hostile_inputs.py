@@ -29,14 +29,14 @@ import torch
 from click.testing import CliRunner
 
 from vitlab import data as vdata
-from vitlab.checkpoint import load_checkpoint, sha256_file
+from vitlab.checkpoint import load_checkpoint
 from vitlab.cli import cli
 from vitlab.config import TrainConfig, default_config
 from vitlab.data import RemoteFile, download_file, extract_members, load_dataset, read_idx
 from vitlab.errors import CheckpointError, ConfigError, DataError
 from vitlab.train import train
 
-from ..datafiles import idx_bytes, trust_archive, write_cifar10, write_idx_dataset
+from ..datafiles import forge_manifest, idx_bytes, trust_archive, write_cifar10, write_idx_dataset
 
 TINY = dict(epochs=2, depth=1, dim=32, heads=2, mlp_dim=32)
 QUIET = dict(progress=False, log=lambda s: None)
@@ -59,9 +59,7 @@ def snapshot(root: Path) -> dict[str, bytes | str]:
 
 def rehash(folder: Path) -> None:
     """Forge a checkpoint manifest so the checksums match: what an attacker editing the folder does."""
-    manifest = json.loads((folder / "model.json").read_text())
-    manifest["files"] = {name: sha256_file(folder / name) for name in manifest["files"]}
-    (folder / "model.json").write_text(json.dumps(manifest))
+    forge_manifest(folder)
 
 
 @pytest.fixture(scope="module")
@@ -217,7 +215,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_vitlab_run(tmp_path):
     result = CliRunner().invoke(cli, ["train", "--out", str(tmp_path), "--name", "thesis", "--overwrite", "--quiet",
                                       "--epochs", "1"])
     assert result.exit_code == 1
-    assert "is not a vitlab run folder (it holds chapters/, thesis.tex)" in result.output, result.output
+    assert "is not a vitlab run folder (it holds chapters/, thesis.tex, and no run config of vitlab's)" in result.output, result.output
     assert snapshot(tmp_path) == before
 
 
@@ -404,9 +402,7 @@ def test_manifest_is_checked_before_any_model_is_allocated(small_run, tmp_path, 
 
     ckpt = tmp_path / "best"
     shutil.copytree(small_run / "best", ckpt)
-    manifest = json.loads((ckpt / "model.json").read_text())
-    edit(manifest)
-    (ckpt / "model.json").write_text(json.dumps(manifest))
+    forge_manifest(ckpt, edit)
     import vitlab.checkpoint as vck
 
     real, allocated = vck.ViT, []

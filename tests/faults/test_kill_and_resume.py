@@ -1,5 +1,7 @@
 """Real processes killed with real signals, then resumed: the result must be the run
-that was never interrupted, bit for bit (CPU, fixed seed)."""
+that was never interrupted, bit for bit (CPU, fixed seed), whatever draws random numbers
+(dropout, stochastic depth, mixing, augmentations) and whether progress is shown or not:
+the run never interrupted is quiet, the killed and resumed ones show their progress."""
 
 from __future__ import annotations
 
@@ -18,22 +20,24 @@ from safetensors.torch import load_file
 
 # Long enough (about 160 steps) that a random kill lands mid-run; checkpoints every 7 steps.
 ARGS = ["--epochs", "3", "--depth", "2", "--dim", "48", "--heads", "2", "--mlp-dim", "96", "--batch-size", "24",
-        "--dropout", "0.1", "--hflip", "0.5", "--checkpoint-every", "7", "--log-every", "5"]
+        "--dropout", "0.1", "--drop-path", "0.1", "--hflip", "0.5", "--checkpoint-every", "7", "--log-every", "5"]
+# (every other element that draws random numbers: tests/faults/test_resume_every_recipe.py, in one process)
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     """The same command, never interrupted (same process setup, so the same arithmetic)."""
     out = tmp_path_factory.mktemp("straight")
-    proc = _start(out)
+    proc = _start(out, quiet=True)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     return out / "run"
 
 
-def _start(out: Path) -> subprocess.Popen:
+def _start(out: Path, quiet: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "vitlab.cli", "train", "--out", str(out), "--name", "run", "--quiet", "--threads", "1", *ARGS]
+    cmd = [sys.executable, "-m", "vitlab.cli", "train", "--out", str(out), "--name", "run", *(["--quiet"] if quiet else []),
+           "--threads", "1", *ARGS]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -46,7 +50,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 60) -> None:
 
 
 def _resume(run: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "vitlab.cli", "train", "--resume", str(run), "--quiet", "--threads", "1"]
+    cmd = [sys.executable, "-m", "vitlab.cli", "train", "--resume", str(run), "--threads", "1"]  # progress shown
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
@@ -11,11 +10,13 @@ import torch
 from click.testing import CliRunner
 
 from vitlab import TrainConfig, load_checkpoint
-from vitlab.checkpoint import load_state, read_meta, sha256_file
+from vitlab.checkpoint import load_state, read_meta
 from vitlab.cli import cli
 from vitlab.config import default_config
 from vitlab.errors import CheckpointError, ConfigError
 from vitlab.train import train
+
+from ..datafiles import forge_manifest
 
 MARKER = Path("/tmp/vitlab-fault-payload-ran")
 
@@ -44,9 +45,7 @@ def _copy(run: Path, tmp_path: Path) -> Path:
 
 def _rehash(folder: Path) -> None:
     """Forge the manifest so the checksums match: what an attacker who edits the folder would do."""
-    manifest = json.loads((folder / "model.json").read_text())
-    manifest["files"] = {name: sha256_file(folder / name) for name in manifest["files"]}
-    (folder / "model.json").write_text(json.dumps(manifest))
+    forge_manifest(folder)
 
 
 @pytest.fixture(autouse=True)
