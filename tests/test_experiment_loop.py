@@ -215,8 +215,8 @@ def test_a_budget_holds_beside_processes_that_keep_every_core_busy(tmp_path):
             p.wait()
     wall = time.monotonic() - t
     assert proc.returncode == 0, out
-    assert wall <= 1.08 * budget, (wall, out[-3000:])
-    assert "time budget: re-planned" in out and "instead of" in out, out[-3000:]
+    assert wall <= 1.08 * budget, (wall, out[-3000:])  # (67ba085's code: 42.7 s for 24 s; re-plans are in the log)
+    assert "time budget 20s: measured" in out and "done: best epoch" in out
 
 
 def test_a_run_fits_its_time_budget_and_resumes_with_its_decision(tmp_path):
