@@ -30,7 +30,7 @@ STEP_SCRIPT = """
 import json, sys, time, torch
 torch.set_num_threads(int(sys.argv[1]))
 from vitlab.model import ViT, ViTConfig
-from vitlab.runtime import autocast, resolve_precision
+from vitlab.devices import autocast, resolve_precision
 cfg = ViTConfig(depth=2, dim=64, heads=4, mlp_dim=128, patch_size=7, image_size=28, channels=1, num_classes=10)
 model = ViT(cfg)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -13,7 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
+RESULTS = Path(__file__).with_name("RESULTS.md")  # the current page: curated, and generated from the history
+HISTORY = Path(__file__).with_name("HISTORY.md")  # every run, appended
+CURRENT_BEGIN = "<!-- current:begin (generated from HISTORY.md by benchmarks/common.py; do not edit by hand) -->"
+CURRENT_END = "<!-- current:end -->"
 
 CONFIGS = {
     # the reference design, and a small one that trains in minutes on a CPU
@@ -104,7 +107,7 @@ def machine() -> str:
     """The machine kind a number belongs to: CPU model (with its family and model numbers,
     since a virtual machine may name only the vendor), vector ISA torch uses, native bf16."""
     from vitlab.autotune import cpu_model
-    from vitlab.runtime import native_bf16
+    from vitlab.devices import native_bf16
 
     cpu, ids = cpu_model(), {}
     try:
@@ -125,11 +128,44 @@ def machine() -> str:
 
 
 def append_results(title: str, command: str, body: str) -> None:
+    """Append a run to HISTORY.md and bring RESULTS.md's current part up to date."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"\n## {title}\n\n- command: `{command}`\n- machine: {machine()}\n"
             f"- torch {torch.__version__}, python {platform.python_version()}, date {stamp}\n\n{body}\n")
-    with open(RESULTS, "a") as f:
+    with open(HISTORY, "a") as f:
         f.write(text)
+    write_current()
+
+
+def history_entries(text: str) -> list[dict]:
+    """The runs of HISTORY.md that name their command and machine: title, command, machine, text."""
+    entries = []
+    for chunk in ("\n" + text).split("\n## ")[1:]:
+        title = chunk.splitlines()[0].strip()
+        fields = {k: v for k, v in (line[2:].split(": ", 1) for line in chunk.splitlines()
+                                    if line.startswith(("- command: ", "- machine: ")))}
+        if "command" in fields and "machine" in fields:
+            entries.append({"title": title, "command": fields["command"], "machine": fields["machine"],
+                            "text": "## " + chunk.strip() + "\n"})
+    return entries
+
+
+def current_page(history: str) -> str:
+    """The newest run of each benchmark command on each machine kind, grouped by benchmark."""
+    newest: dict[tuple[str, str, str], dict] = {}
+    for e in history_entries(history):  # oldest first: a later run replaces an earlier one
+        script = e["title"].rsplit("(", 1)[-1].rstrip(")") if e["title"].endswith(".py)") else e["title"]
+        newest[(script, e["command"], e["machine"])] = e
+    order = sorted(newest.items(), key=lambda kv: kv[0])
+    return "\n".join("#" + e["text"] for _, e in order)  # one level down, under RESULTS.md's heading
+
+
+def write_current() -> None:
+    """RESULTS.md with its generated part rebuilt from HISTORY.md."""
+    text = RESULTS.read_text()
+    head, rest = text.split(CURRENT_BEGIN)
+    _, tail = rest.split(CURRENT_END)
+    RESULTS.write_text(f"{head}{CURRENT_BEGIN}\n\n{current_page(HISTORY.read_text())}\n{CURRENT_END}{tail}")
 
 
 def command_line() -> str:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_seconds, CONFIGS, append_results, command_line, machine  # noqa: E402
 
 from vitlab.model import Kernels, ViT, ViTConfig  # noqa: E402
-from vitlab.runtime import keep_freed_memory, resolve_attention, resolve_precision  # noqa: E402
+from vitlab.devices import keep_freed_memory, resolve_attention, resolve_precision  # noqa: E402
 from vitlab.train import apply_gradients, build_optimizer, loss_and_logits  # noqa: E402
 
 

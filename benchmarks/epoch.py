@@ -77,10 +77,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--vitlab-only", action="store_true", help="time vitlab's epoch alone (comparing its versions)")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     print(f"machine: {machine()}")
     data = load_dataset("cifar10", args.data_dir, val_size=5000, download=False)
+    if args.vitlab_only:
+        vit_s, vit_acc = vitlab_epoch(args.data_dir, args.device, args.batch)
+        print(f"| vitlab defaults (`vitlab.train.train`, epochs=1) | {vit_s:.1f} s | {vit_acc:.3f} |")
+        return
     conv_s, conv_acc = conventional_epoch(data, torch.device(args.device), args.batch, args.workers)
     print(f"conventional: {conv_s:.1f} s (val acc {conv_acc:.3f})", flush=True)
     vit_s, vit_acc = vitlab_epoch(args.data_dir, args.device, args.batch)

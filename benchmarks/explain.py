@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_seconds, append_results, command_line, machine  # noqa: E402
 
-from vitlab import explain  # noqa: E402
+from vitlab import Kernels, explain  # noqa: E402
 from vitlab.inference import load_predictor  # noqa: E402
 from vitlab.inference import checkpoint_data  # noqa: E402
 
@@ -53,8 +53,7 @@ def main() -> None:
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     predictor = load_predictor(args.checkpoint, "cpu", precision="fp32")
-    model = predictor.model
-    model.kernels.attention = "explicit"
+    model = predictor.model.with_kernels(Kernels(attention="explicit"))
     _, data = checkpoint_data(args.checkpoint, predictor.meta, args.data_dir)
     x = predictor.normalize(data.test.images[: args.images])
     y = data.test.labels[: args.images]

@@ -29,14 +29,14 @@ def whole_steps(cfg: ViTConfig, device: torch.device, options: list, batch: int,
     """ms per training step (forward, backward, AdamW) of the whole model at the full batch, for
     each candidate: interleaved rounds, each candidate's median."""
     torch.manual_seed(0)
-    kernels = options[0].kernels()
-    model = ViT(cfg, kernels).to(device).train()
-    opt = build_optimizer(model, 1e-3, 0.05)
+    first = ViT(cfg, options[0].kernels()).to(device).train()
+    models = {autotune.label(c): first if i == 0 else first.with_kernels(c.kernels()) for i, c in enumerate(options)}
+    opts = {k: build_optimizer(m, 1e-3, 0.05) for k, m in models.items()}
     x = torch.randn(batch, cfg.channels, cfg.image_size, cfg.image_size, device=device)
     y = torch.randint(0, cfg.num_classes, (batch,), device=device)
 
     def step(c) -> float:
-        kernels.attention, kernels.channels_last = c.attention, c.channels_last
+        model, opt = models[autotune.label(c)], opts[autotune.label(c)]
         return timed(lambda: (opt.zero_grad(set_to_none=True),
                               apply_gradients(model, opt, loss_and_logits(model, x, y, device, c.amp_dtype, 0.1)[0], 1.0)),
                      device)

@@ -25,7 +25,7 @@ from common import append_results, command_line, machine  # noqa: E402
 
 from vitlab.augment import BatchAugment, Normalize  # noqa: E402
 from vitlab.data import load_dataset  # noqa: E402
-from vitlab.runtime import keep_freed_memory  # noqa: E402
+from vitlab.devices import keep_freed_memory  # noqa: E402
 from vitlab.train import crop_plans, epoch_order  # noqa: E402
 
 
@@ -95,7 +95,7 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     # As `vitlab train` does; process-wide, so forked DataLoader workers inherit it too.
-    allocator = "glibc keeps freed blocks (vitlab.runtime.keep_freed_memory)" if keep_freed_memory(device) else "default allocator"
+    allocator = "glibc keeps freed blocks (vitlab.devices.keep_freed_memory)" if keep_freed_memory(device) else "default allocator"
     data = load_dataset(args.dataset, args.data_dir, val_size=0, download=False)
     imgs, labels = data.train.images, data.train.labels
     print(f"machine: {machine()}; {len(imgs)} {args.dataset} training images")

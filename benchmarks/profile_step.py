@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_step  # noqa: E402
 from common import VITLAB_CONFIGS as SHAPES, append_results, command_line, machine  # noqa: E402
 
-from vitlab.runtime import keep_freed_memory  # noqa: E402
+from vitlab.devices import keep_freed_memory  # noqa: E402
 
 GROUPS = [  # the first group whose words appear in an op's name takes it
     ("matrix products", ("addmm", "mm", "bmm", "matmul", "linear", "conv", "scaled_dot_product", "flash", "baddbmm")),

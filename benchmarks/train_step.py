@@ -24,7 +24,7 @@ from common import CONFIGS, append_results, build_peer, command_line, machine, m
 
 from vitlab import autotune  # noqa: E402
 from vitlab.model import Kernels, ViT, ViTConfig  # noqa: E402
-from vitlab.runtime import autocast, keep_freed_memory, matmul_peak  # noqa: E402
+from vitlab.devices import autocast, keep_freed_memory, matmul_peak  # noqa: E402
 from vitlab.train import apply_gradients, build_optimizer, loss_and_logits  # noqa: E402
 
 IMPLS = ["vitlab", "timm", "vit-pytorch", "tutorial"]

@@ -1,6 +1,6 @@
 """Which of vitlab's own speed options pay on this device? Times the training step of
 each variant of the small (or reference) config, interleaved, and prints the ratio to
-the current default. The defaults in vitlab.runtime / vitlab.train follow this table.
+the current default. The defaults in vitlab.devices / vitlab.train follow this table.
 
     python benchmarks/variants.py --config small --precision bf16
 """
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CONFIGS, append_results, command_line, machine, median, timed  # noqa: E402
 
 from vitlab.model import Kernels, ViT, ViTConfig  # noqa: E402
-from vitlab.runtime import resolve_attention  # noqa: E402
+from vitlab.devices import resolve_attention  # noqa: E402
 from vitlab.train import apply_gradients, build_optimizer, loss_and_logits  # noqa: E402
 
 

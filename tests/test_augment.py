@@ -6,9 +6,21 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from vitlab.augment import BatchAugment, Normalize, resized_crop, sample_crop_params
+from vitlab.augment import BatchAugment, Normalize, crop_resize, sample_crop_boxes
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
+
+
+def sample_crop_params(n, height, width, scale, ratio, generator=None, device="cpu", tries=10):
+    """``sample_crop_boxes`` as torchvision's (top, left, h, w), int64 tensors."""
+    corner, hw = sample_crop_boxes(n, height, width, scale, ratio, generator, device, tries)
+    corner, hw = corner.long(), hw.long()
+    return corner[:, 0], corner[:, 1], hw[:, 0], hw[:, 1]
+
+
+def resized_crop(images, top, left, h, w, out_size, flip=None):
+    """``crop_resize`` with torchvision's (top, left, h, w) per image."""
+    return crop_resize(images, torch.stack([top, left], 1).float(), torch.stack([h, w], 1).float(), out_size, flip)
 
 
 def test_crop_resize_flip_matches_torchvision_pixel_for_pixel():

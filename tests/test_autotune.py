@@ -14,7 +14,7 @@ from vitlab import autotune
 from vitlab.config import default_config
 from vitlab.errors import TrainingInterrupted
 from vitlab.model import ViTConfig
-from vitlab.runtime import native_bf16
+from vitlab.devices import native_bf16
 from vitlab.train import train
 
 KINDS = ["bf16", "fp32"] if native_bf16(torch.device("cpu")) else ["fp32"]  # bf16 only where the CPU has it

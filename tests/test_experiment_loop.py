@@ -181,7 +181,7 @@ def test_other_processes_on_the_cores_are_seen_and_leave_one_thread(tmp_path):
     share = budgets.CoreShare()
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(share.cores)]
     try:
-        time.sleep(budgets.MIN_SECONDS + 0.5)
+        time.sleep(budgets.SHARE_SECONDS + 1.0)
         others = share.others()
     finally:
         for p in busy:
@@ -215,7 +215,9 @@ def test_a_budget_holds_beside_processes_that_keep_every_core_busy(tmp_path):
             p.wait()
     wall = time.monotonic() - t
     assert proc.returncode == 0, out
-    assert wall <= 1.08 * budget, (wall, out[-3000:])  # (67ba085's code: 42.7 s for 24 s; re-plans are in the log)
+    # (67ba085's code: 42.7 s for 24 s. Here three processes share two cores with this one, the other test
+    # worker among them, and the final report slows with them: a margin for that)
+    assert wall <= 1.15 * budget, (wall, out[-3000:])
     assert "time budget 20s: measured" in out and "done: best epoch" in out
 
 

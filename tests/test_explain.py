@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from vitlab import ViT, ViTConfig, explain
+from vitlab import Kernels, ViT, ViTConfig, explain
 from vitlab.cli import cli
 from vitlab.config import default_config
 from vitlab.data import DatasetSplits, ImageSet, channel_stats
@@ -111,8 +111,7 @@ def test_gradient_attention_matches_autograd_the_slow_way():
                                      dict(pool="mean"), dict(pool="mean", patch_embed="conv-pool", lsa=True)],
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_every_method_for_every_tokenizer_and_pool(options):
-    model = _model(**options)
-    model.kernels.attention = "sdpa"  # what the model runs with; explanations use the explicit kernel anyway
+    model = _model(**options).with_kernels(Kernels(attention="sdpa"))  # explanations use the explicit kernel anyway
     x = torch.randn(4, 3, 16, 16)
     before = model(x)
     maps = {"gradient": explain.gradient_attention(model, x), "rollout": explain.rollout(model, x, "max", 0.5),

@@ -65,12 +65,11 @@ def test_class_token_shortcut_gives_the_same_logits_and_gradients(options):
     x = torch.randn(5, 3, 16, 16)
     results = {}
     for shortcut in (True, False):
-        model.kernels.cls_only_last_block = shortcut
-        model.zero_grad()
+        variant = model.with_kernels(Kernels(attention=attention, cls_only_last_block=shortcut))
         torch.manual_seed(1)
-        out = model(x)
+        out = variant(x)
         out.square().sum().backward()
-        results[shortcut] = out, [p.grad.clone() for p in model.parameters()]
+        results[shortcut] = out, [p.grad.clone() for p in variant.parameters()]
     (fast, fast_grads), (full, full_grads) = results[True], results[False]
     assert fast.abs().max() > 1  # the logits carry the network, not just a bias
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
@@ -84,9 +83,9 @@ def test_class_token_shortcut_saves_most_of_the_last_block():
     x = torch.randn(2, 3, 16, 16)
     counts = {}
     for shortcut in (True, False):
-        model.kernels.cls_only_last_block = shortcut
+        variant = model.with_kernels(Kernels(attention="explicit", cls_only_last_block=shortcut))
         with FlopCounterMode(display=False) as counter:
-            model(x)
+            variant(x)
         counts[shortcut] = counter.get_total_flops() / 2 / 2  # per image, multiply-adds
     n, d, m = cfg.num_patches + 1, cfg.dim, cfg.mlp_dim
     # Skipped: the query projection, attention, output projection and MLP of the 16 patch tokens.
@@ -162,7 +161,7 @@ def test_invalid_model_config_is_a_config_error(bad, message):
 
 def test_kernels_are_not_architecture_and_every_copy_shares_them():
     """The attention kernel and the class-token shortcut are how a model computes, not what:
-    not in its config (so not in model.json), passed at build time, and copied with it."""
+    not in its config (so not in model.json), fixed at build time, and copied with it."""
     import copy
 
     from vitlab.model import ViTConfig as Cfg
@@ -173,6 +172,12 @@ def test_kernels_are_not_architecture_and_every_copy_shares_them():
     assert twin.kernels == model.kernels and all(b.attn.kernels is twin.kernels for b in twin.blocks)
     with pytest.raises(ConfigError, match="--attention must be one of"):
         Kernels(attention="flash")
+    with pytest.raises(AttributeError):  # nothing rewrites them under a built model
+        model.kernels.attention = "sdpa"
+    other = model.with_kernels(Kernels(attention="sdpa"))
+    assert other.kernels.attention == "sdpa" and all(b.attn.kernels is other.kernels for b in other.blocks)
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(other(x), model(x), rtol=1e-5, atol=1e-5)  # the same weights, the same function
 
 
 def test_auto_kernel_picks_by_the_device_and_autocast_of_each_call(monkeypatch):

@@ -10,7 +10,7 @@ from vitlab import Kernels, TrainConfig, ViT, ViTConfig
 from vitlab.errors import ConfigError
 from vitlab.augment import mix_batch, random_erasing
 from vitlab.checkpoint import read_meta
-from vitlab.predict import evaluate_checkpoint
+from vitlab.evaluate import evaluate_checkpoint
 from vitlab.config import default_config
 from vitlab.inference import predict_logits
 from vitlab.train import TrainingInterrupted, WeightEMA, train

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vitlab import Kernels, ViT, ViTConfig
-from vitlab.runtime import autocast, keep_freed_memory, native_bf16
+from vitlab.devices import autocast, keep_freed_memory, native_bf16
 from vitlab.config import default_config
 from vitlab.train import train
 
@@ -54,7 +54,7 @@ def default_accuracy(tmp_path_factory):
 
 def _other_kernel() -> str:
     """The attention kernel the default does not use on this CPU."""
-    from vitlab.runtime import resolve_attention, resolve_precision
+    from vitlab.devices import resolve_attention, resolve_precision
 
     device = torch.device("cpu")
     return "explicit" if resolve_attention("auto", device, resolve_precision("auto", device)) == "sdpa" else "sdpa"
@@ -80,7 +80,7 @@ def test_speed_options_do_not_change_accuracy(tmp_path, default_accuracy, option
 
 _FAULTS_SCRIPT = """
 import resource, torch
-from vitlab.runtime import keep_freed_memory
+from vitlab.devices import keep_freed_memory
 took = keep_freed_memory(torch.device("cpu"))
 n = (4 << 20) // 4  # 4 MiB tensors: above glibc's default mmap threshold
 torch.ones(n) * 2  # warm-up cycle

@@ -22,20 +22,47 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "src" / "vitlab"
 
 
+def module_names() -> dict[str, Path]:
+    """Every module of the package by its dotted name below ``vitlab`` ('train' for the
+    package train/, 'train.loop' for train/loop.py), with its file."""
+    names = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        if parts and parts != ["__main__"]:
+            names[".".join(parts)] = path
+    return names
+
+
 def module_graph() -> dict[str, set[str]]:
     """Which vitlab module imports which (relative imports, at any depth in the file)."""
+    names = module_names()
     graph = {}
-    for path in sorted(PACKAGE.glob("*.py")):
-        name = path.stem
+    for name, path in names.items():
+        package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                if node.module:
-                    deps.add(node.module.split(".")[0])
-                else:
-                    deps.update(a.name for a in node.names)
-        graph[name] = deps - {name}
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                base = package[: len(package) - (node.level - 1)]
+                targets = [".".join(base + node.module.split("."))] if node.module else \
+                    [".".join(base + [a.name]) for a in node.names]
+                for target in targets:  # the module itself, or the package whose attribute it imports
+                    while target and target not in names:
+                        target = target.rpartition(".")[0]
+                    deps.add(target)
+        graph[name] = deps - {name, ""}
     return graph
+
+
+def depends_on(graph: dict[str, set[str]], name: str) -> set[str]:
+    """Every module ``name`` imports, directly or through others."""
+    seen, todo = set(), [name]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
 
 
 def test_module_graph_has_no_cycle():
@@ -55,8 +82,41 @@ def test_module_graph_has_no_cycle():
     for module in graph:
         visit(module, [])
     # the layering the package is built on
-    assert "train" not in graph["inference"] | graph["predict"] | graph["checkpoint"]
+    assert not {m for m in depends_on(graph, "inference") | depends_on(graph, "predict") | depends_on(graph, "evaluate")
+                | depends_on(graph, "checkpoint")
+                if m.startswith("train")}
     assert graph["errors"] == set() and graph["options"] == {"errors"}
+
+
+def test_the_training_loop_is_arithmetic_only():
+    """The hot loop knows nothing of the run folder, the report or TensorBoard, not even through
+    the modules it imports: what it does at log intervals and checkpoints is its caller's."""
+    graph = module_graph()
+    assert {"train.setup", "train.state", "train.compute"} <= graph["train.loop"]
+    assert not depends_on(graph, "train.loop") & {"rundir", "report", "tblog", "train.folder", "train.epochs",
+                                                  "train.finish", "explain_figures", "compare", "cli"}
+
+
+# A newcomer reads a module in one sitting and a function in one screen.
+MAX_MODULE_LINES = 650
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_module_or_function_outgrows_a_reading():
+    too_long = []
+    for name, path in module_names().items():
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    too_long.append(f"{name}.{node.name}: {length} lines")
+    assert not too_long, too_long
+    train_story = ast.parse((PACKAGE / "train" / "__init__.py").read_text())
+    (story,) = [n for n in train_story.body if isinstance(n, ast.FunctionDef) and n.name == "train"]
+    assert story.end_lineno - story.lineno + 1 <= 50  # train() tells the story of a run in one screen
 
 
 _IMPORT_EACH_ALONE = """
@@ -71,7 +131,7 @@ print("ok", len(names))
 
 
 def test_every_module_imports_alone():
-    names = [p.stem for p in sorted(PACKAGE.glob("*.py")) if p.stem not in ("__init__", "__main__")]
+    names = sorted(module_names())
     out = subprocess.run([sys.executable, "-c", _IMPORT_EACH_ALONE, *names], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.split() == ["ok", str(len(names))], out.stderr
 
@@ -151,10 +211,26 @@ def test_evaluation_batch_has_one_default(digits_run, monkeypatch):
     """`vitlab evaluate` and evaluate_checkpoint use the run's eval batch, whose default is the config's."""
     import vitlab.inference as inference
     from vitlab.config import DEFAULT_EVAL_BATCH, TrainConfig
-    from vitlab.predict import evaluate_checkpoint
+    from vitlab.evaluate import evaluate_checkpoint
 
     sizes = []
     real = inference.predict_logits
     monkeypatch.setattr(inference, "predict_logits", lambda *a, **k: sizes.append(a[3] if len(a) > 3 else k["batch_size"]) or real(*a, **k))
     evaluate_checkpoint(digits_run / "best", device="cpu")
     assert TrainConfig().eval_batch_size == DEFAULT_EVAL_BATCH and set(sizes) == {DEFAULT_EVAL_BATCH}
+
+
+def test_results_page_shows_the_newest_run_of_each_benchmark():
+    """benchmarks/RESULTS.md is a current page: its generated part is the newest run of each benchmark
+    command per machine kind in HISTORY.md, where the scripts append (no benchmark repeats on it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_common", REPO / "benchmarks" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    page = common.RESULTS.read_text()
+    block = page.split(common.CURRENT_BEGIN)[1].split(common.CURRENT_END)[0]
+    assert block.strip() == common.current_page(common.HISTORY.read_text()).strip(), \
+        "RESULTS.md is stale: run `python -c 'import common; common.write_current()'` in benchmarks/"
+    keys = [(e["title"], e["command"], e["machine"]) for e in common.history_entries(block.replace("\n### ", "\n## "))]
+    assert keys and len(keys) == len(set(keys))

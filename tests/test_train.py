@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from vitlab import TrainConfig, ViT, load_checkpoint
 from vitlab.config import default_config
 from vitlab.errors import ConfigError
-from vitlab.predict import evaluate_checkpoint
+from vitlab.evaluate import evaluate_checkpoint
 from vitlab.report import read_metrics
 from vitlab.train import TrainingInterrupted, lr_at, train
 

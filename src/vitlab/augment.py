@@ -56,15 +56,6 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float
     return corner, hw
 
 
-def sample_crop_params(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
-                       generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                       tries: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``sample_crop_boxes`` as torchvision's (top, left, h, w), int64 tensors."""
-    corner, hw = sample_crop_boxes(n, height, width, scale, ratio, generator, device, tries)
-    corner, hw = corner.long(), hw.long()
-    return corner[:, 0], corner[:, 1], hw[:, 0], hw[:, 1]
-
-
 def crop_coordinates(corner: torch.Tensor, size: torch.Tensor, height: int, width: int, out_size: int,
                      flip: torch.Tensor | None = None) -> torch.Tensor:
     """Where each output row and column of a resized crop reads from: (B, 2, out), (y, x)
@@ -100,12 +91,6 @@ def crop_resize(images: torch.Tensor, corner: torch.Tensor, size: torch.Tensor, 
     """Crop each image of a float batch (B, C, H, W) to its own box, resize to
     out_size x out_size (bilinear) and optionally mirror it, in one pass."""
     return resample(images, crop_coordinates(corner, size, images.shape[2], images.shape[3], out_size, flip))
-
-
-def resized_crop(images: torch.Tensor, top: torch.Tensor, left: torch.Tensor, h: torch.Tensor, w: torch.Tensor,
-                 out_size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
-    """``crop_resize`` with torchvision's (top, left, h, w) per image."""
-    return crop_resize(images, torch.stack([top, left], 1).float(), torch.stack([h, w], 1).float(), out_size, flip)
 
 
 class Normalize:

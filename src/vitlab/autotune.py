@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from .fileio import atomic_write_text, read_bounded, read_json
-from .model import Kernels, ViT, ViTConfig, flops_per_image
-from .runtime import autocast, fastest_attention, native_bf16, resolve_precision, synchronize
+from .model import Kernels, PatchEmbed, ViT, ViTConfig, flops_per_image
+from .devices import autocast, fastest_attention, native_bf16, resolve_precision, synchronize
 
 CACHE_FILE = "kernels.json"
 CACHE_LIMIT = 1 << 20  # bytes read from the cache file at most
@@ -102,7 +102,7 @@ def candidates(model_cfg: ViTConfig, device: torch.device, attention: str = "aut
         precisions = ["bf16", "fp32"]
     else:
         precisions = ["bf16" if amp is not None else "fp32"]
-    layouts = [True, False] if channels_last is None and model_cfg.patch_embed == "conv-pool" else \
+    layouts = [True, False] if channels_last is None and PatchEmbed.registry[model_cfg.patch_embed].layouts else \
         [True if channels_last is None else bool(channels_last)]
     out = []
     for p in precisions:
@@ -219,14 +219,13 @@ def measure(model_cfg: ViTConfig, device: torch.device, options: list[Choice], b
         n = batch
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
-        kernels = options[0].kernels(cls_only_last_block)
-        model = ViT(one, kernels).to(device).train(training)
-        block = model.blocks[0]
+        first = ViT(one, options[0].kernels(cls_only_last_block)).to(device).train(training)
+        models = [first] + [first.with_kernels(c.kernels(cls_only_last_block)) for c in options[1:]]
         x = torch.randn(n, model_cfg.channels, model_cfg.image_size, model_cfg.image_size, device=device)
         with torch.no_grad():
-            tokens = model.embed(x)
+            tokens = first.embed(x)
 
-        def timed(fn, c: Choice) -> float:
+        def timed(fn, c: Choice, model: ViT) -> float:
             synchronize(device)
             t = time.perf_counter()
             if training:
@@ -241,25 +240,33 @@ def measure(model_cfg: ViTConfig, device: torch.device, options: list[Choice], b
             return time.perf_counter() - t
 
         def step(c: Choice) -> float:
-            kernels.attention, kernels.channels_last = c.attention, c.channels_last
+            model = models[options.index(c)]
             block_input = tokens.detach().requires_grad_(training)
-            return timed(lambda: model.embed(x), c) + model_cfg.depth * timed(lambda: block(block_input), c)
+            return (timed(lambda: model.embed(x), c, model)
+                    + model_cfg.depth * timed(lambda: model.blocks[0](block_input), c, model))
 
-        best = [float("inf")] * len(options)
-        t = time.perf_counter()
-        for c in options:  # warm-up: first calls allocate, pick oneDNN primitives, cast weights
-            step(c)
-        round_seconds = time.perf_counter() - t
-        for r in range(rounds):  # at least one; another only if it fits before the deadline
-            t = time.perf_counter()
-            if r and t + round_seconds > deadline:
-                break
-            for i, c in enumerate(options):
-                best[i] = min(best[i], step(c))
-            round_seconds = time.perf_counter() - t
+        best = _best_times(step, options, deadline, rounds)
     fastest = min(range(len(options)), key=best.__getitem__)
     ms = {label(c): 1e3 * t * batch / n for c, t in zip(options, best)}  # per step of the real batch, estimated
     return replace(options[fastest], source="measured", ms=ms)
+
+
+def _best_times(step, options: list[Choice], deadline: float, rounds: int) -> list[float]:
+    """Each option's fastest ``step(option)``: one warm-up round (first calls allocate, pick oneDNN
+    primitives, cast weights), then interleaved rounds while another fits before ``deadline``."""
+    best = [float("inf")] * len(options)
+    t = time.perf_counter()
+    for c in options:
+        step(c)
+    round_seconds = time.perf_counter() - t
+    for r in range(rounds):  # at least one; another only if it fits before the deadline
+        t = time.perf_counter()
+        if r and t + round_seconds > deadline:
+            break
+        for i, c in enumerate(options):
+            best[i] = min(best[i], step(c))
+        round_seconds = time.perf_counter() - t
+    return best
 
 
 def label(c: Choice) -> str:

@@ -31,6 +31,7 @@ GAP = 0.05
 WINDOW = 0.15  # the pace is measured over this share of the budget
 MIN_SPAN = 0.03  # ... and trusted once it spans this share of it (at least MIN_SECONDS): early steps are noisy
 MIN_SECONDS = 2.0
+SHARE_SECONDS = 1.0  # the cores' use by others is measured over at least this
 REPORT_SECONDS = 5.0  # drawing the figures, results.md, the last checkpoint: the part that does not scale with the model
 # attention.png explains 32 test images: a forward and backward pass and 22 forward passes of its deletion
 # scores per image, about 26 evaluations of each of them
@@ -242,7 +243,7 @@ class CoreShare:
     def others(self) -> float | None:
         now = self._read()
         last, self.last = self.last, now
-        if now is None or last is None or now[0] - last[0] < MIN_SECONDS:
+        if now is None or last is None or now[0] - last[0] < SHARE_SECONDS:
             self.last = last if now is not None and last is not None else now
             return None
         wall = now[0] - last[0]

@@ -45,6 +45,7 @@ from .errors import CheckpointError, ConfigError
 from .fileio import fsync_dir, open_regular, remove, read_bounded, read_json, sha256_file, temp_dir, write_synced
 from .model import Kernels, ViT, ViTConfig
 from .options import is_whole
+from .options import need as require
 
 FORMAT_VERSION = 3  # 2: no attention kernel in the model config; the data's fingerprint. 3: the manifest's own digest
 READS = (1, 2, 3)
@@ -131,8 +132,7 @@ def manifest_digest(manifest: dict) -> str:
 def _schema(manifest: Any, where: Path) -> CheckpointMeta:
     """The manifest checked field by field; every size bounded before it is used."""
     def need(cond: bool, what: str) -> None:
-        if not cond:
-            raise CheckpointError(f"{where}: malformed manifest ({what})")
+        require(cond, f"{where}: malformed manifest ({what})", CheckpointError)
 
     need(isinstance(manifest, dict), "not a JSON object")
     need(isinstance(manifest.get("model"), dict), "'model' must be an object")
@@ -247,6 +247,22 @@ def check_weights_header(folder: Path, cfg: ViTConfig) -> None:
             raise CheckpointError(f"{path}: weights do not fit this model's architecture ({name}: bad data offsets)")
 
 
+def open_checkpoint(folder: Path) -> CheckpointMeta:
+    """The first step of every use of a checkpoint: its manifest read and checked, every file's
+    checksum verified, and its weights' header checked against the architecture, before
+    anything is allocated."""
+    meta = read_meta(Path(folder))
+    check_weights_header(Path(folder), meta.model)
+    return meta
+
+
+def build_model(folder: Path, meta: CheckpointMeta, kernels: Kernels) -> ViT:
+    """The checkpoint's model (opened with :func:`open_checkpoint`), computing as ``kernels`` say."""
+    model = ViT(meta.model, kernels)
+    load_weights(Path(folder), model)
+    return model
+
+
 def load_weights(folder: Path, model: torch.nn.Module) -> None:
     path = Path(folder) / WEIGHTS
     check_weights_header(folder, unwrap(model).cfg)
@@ -262,7 +278,7 @@ def load_weights(folder: Path, model: torch.nn.Module) -> None:
 
 
 def load_state(folder: Path) -> dict:
-    """The training state of ``folder`` (structure unchecked: ``TrainState.from_dict`` checks it)."""
+    """The training state of ``folder`` (structure unchecked: ``vitlab.train.state.TrainState.restore`` checks it)."""
     path = Path(folder) / STATE
     try:
         raw = read_bounded(path, MAX_STATE_BYTES)
@@ -284,14 +300,11 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu",
     """The model (in eval mode) and its config from a checkpoint folder. ``kernels``:
     how it computes (default: those measured fastest on ``device`` for fp32 evaluation
     batches, vitlab.autotune)."""
-    meta = read_meta(Path(folder))
-    check_weights_header(Path(folder), meta.model)  # before the model is allocated
+    meta = open_checkpoint(folder)
     if kernels is None:
         kernels = choose(meta.model, torch.device(device), batch=DEFAULT_EVAL_BATCH, training=False,
                          precision="fp32").kernels()
-    model = ViT(meta.model, kernels)
-    load_weights(Path(folder), model)
-    return model.to(device).eval(), meta.model
+    return build_model(folder, meta, kernels).to(device).eval(), meta.model
 
 
 # ------------------------------------------------------------------- recovery

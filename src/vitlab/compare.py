@@ -4,20 +4,17 @@ results, and one figure of their validation curves."""
 from __future__ import annotations
 
 import glob
-import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from . import report
+from . import metrics, report
 from .checkpoint import CONFIG
-from .config import TrainConfig
+from .config import OUTPUT_FIELDS, RUNTIME_FIELDS, TrainConfig
 from .errors import VitlabError
 from .fileio import atomic_write_text, printable, read_json
 from .rundir import METRICS, RESULTS_JSON, run_config_problem
 
-# Fields that say where a run wrote or how often it logged, not what it trained.
-IGNORED = ("out", "name", "data_dir", "download", "log_every", "checkpoint_every", "tensorboard", "threads", "device",
-           "eval_batch_size")
+IGNORED = RUNTIME_FIELDS + OUTPUT_FIELDS  # where and how fast a run computed and wrote, not what it trained
 
 
 MAX_RESULTS_BYTES = 1 << 20  # results.json: a 100-class confusion matrix is ~50 KB
@@ -44,8 +41,7 @@ class RunSummary:
     def best_val(self) -> float | None:
         if self.results and self.results.get("best_val_acc") is not None:
             return self.results["best_val_acc"]
-        accs = [max(r["val_acc"], r.get("val_ema_acc", 0.0)) for r in self.rows]
-        return max(accs) if accs else None
+        return max(map(metrics.best_val, self.rows), default=None)
 
 
 def expand(patterns: list[str]) -> list[Path]:
@@ -57,32 +53,32 @@ def expand(patterns: list[str]) -> list[Path]:
     return out
 
 
-def _number(value, low: float, high: float) -> float | None:
-    """``value`` if it is a real number in [low, high], else None."""
+def _number(value, field: metrics.Field) -> float | None:
+    """``value`` if it is a real number ``field`` may hold, else None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     try:
         value = float(value)
     except OverflowError:
         return None
-    return value if math.isfinite(value) and low <= value <= high else None
+    return value if field.valid(value) and value <= 1e12 else None
 
 
 def read_results(path: Path) -> dict:
-    """What compare shows of a results.json, each field checked; ValueError (naming the field)
-    for a file that is not one vitlab wrote."""
+    """What compare shows of a results.json (metrics.RESULTS and the test accuracy), each field
+    checked; ValueError (naming the field) for a file that is not one vitlab wrote."""
     data = read_json(path, MAX_RESULTS_BYTES)
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
     test = data.get("results", {}).get("Test", {}) if isinstance(data.get("results"), dict) else None
-    checked = {"test_acc": _number(test.get("accuracy"), 0, 1) if isinstance(test, dict) else None,
-               "best_val_acc": _number(data.get("best_val_acc"), 0, 1),
-               "train_seconds": _number(data.get("train_seconds"), 0, 1e9),
-               "images_per_second": _number(data.get("images_per_second"), 0, 1e12)}
-    for key, source in (("test_acc", test.get("accuracy") if isinstance(test, dict) else test),
-                        *((k, data.get(k)) for k in ("best_val_acc", "train_seconds", "images_per_second"))):
-        if checked[key] is None and source is not None:
-            raise ValueError(f"its {key.replace('test_acc', 'Test accuracy')} is {str(source)[:40]!r}")
+    given = {f.column: data.get(f.column) for f in metrics.RESULTS}
+    given[metrics.TEST_ACC.column] = test.get("accuracy") if isinstance(test, dict) else test
+    checked = {}
+    for field in (*metrics.RESULTS, metrics.TEST_ACC):
+        value = given[field.column]
+        checked[field.column] = _number(value, field)
+        if checked[field.column] is None and value is not None:
+            raise ValueError(f"its {field.column} is {str(value)[:40]!r}")
     return checked
 
 
@@ -129,7 +125,7 @@ def table(runs: list[RunSummary]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         res = r.results or {}
-        test = res.get("test_acc")
+        test = res.get(metrics.TEST_ACC.column)
         dataset = r.cfg.dataset + ("" if r.cfg.dataset == main_dataset else " (other dataset)")
         seconds = res.get("train_seconds")
         cells = [printable(r.path.name), dataset, r.status, *(_fmt(getattr(r.cfg, f)) for f in diff), _fmt(r.best_val()),

@@ -20,8 +20,8 @@ import yaml
 from .errors import ConfigError
 from .fileio import atomic_write_text, read_bounded
 from .model import ATTENTION_KERNELS, MAX_IMAGE_SIZE, ArchConfig, check_patch_fits
-from .options import flag, from_mapping, is_whole, option, to_mapping
-from .runtime import check_device_name
+from .options import flag, from_mapping, is_whole, need, option, to_mapping
+from .devices import check_device_name
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder")
 DEFAULT_PRESET = "digits"  # what `vitlab train` with no options runs
@@ -30,6 +30,8 @@ MAX_CONFIG_BYTES = 1 << 20
 # change them, and they may differ between a run's config and its checkpoint's copy.
 RUNTIME_FIELDS = ("device", "threads", "log_every", "eval_batch_size", "data_dir", "download", "tensorboard")
 RESUME_MAY_CHANGE = tuple(f for f in RUNTIME_FIELDS if f != "download")  # a resumed run never downloads
+# Fields that say where a run writes and how often it saves: they name no difference between two runs.
+OUTPUT_FIELDS = ("out", "name", "checkpoint_every")
 DEFAULT_EVAL_BATCH = 256  # on the 2-core CPU, 256 ran 25-40% faster than 1024 (benchmarks/RESULTS.md)
 
 
@@ -101,10 +103,6 @@ class TrainConfig(ArchConfig):
     # ------------------------------------------------------------------ checks
     def validate(self) -> "TrainConfig":
         """Raise ConfigError naming the first bad value; return self."""
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
         need(self.dataset in DATASETS, f"unknown dataset {self.dataset!r}; choose one of: {', '.join(DATASETS)}")
         super().validate()
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):

@@ -4,8 +4,11 @@ launched by torchrun (nanoGPT's recipe: RANK in the environment, rank 0 writes).
 A run on N processes is the same run as on one: every rank draws the same epoch order
 and augments the whole global batch with the same generator, then trains on its own
 B/N rows; DDP averages the gradients (a mean loss, so N x B/N equals 1 x B). Metrics,
-stop requests and non-finite losses are combined where the loop already syncs. Without
-torchrun's environment nothing here runs, and torch.distributed is never imported.
+stop requests and non-finite losses are combined where the loop already syncs.
+
+A process that is not part of a torchrun job is a job of one: the same :class:`Dist`, whose
+collectives return what they are given, so the training code never asks "distributed or
+not". Without torchrun's environment torch.distributed is never imported.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ class PeerLost(VitlabError):
     """Another process of the job stopped (killed, crashed, or its machine went away)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Dist:
-    """This process's place in a torchrun job."""
+    """This process's place in a torchrun job (a job of one without torchrun)."""
 
-    rank: int
-    world: int
-    local_rank: int
-    local_world: int
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
 
     @property
     def main(self) -> bool:
@@ -46,8 +49,10 @@ class Dist:
         per = batch // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
 
-    # ---- collectives (all ranks must call them at the same points)
+    # ---- collectives (all ranks must call them at the same points; a job of one returns its own)
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
         import torch.distributed as dist
 
         out = t.clone()
@@ -55,6 +60,8 @@ class Dist:
         return out
 
     def all_min(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return t
         import torch.distributed as dist
 
         out = t.clone()
@@ -62,6 +69,9 @@ class Dist:
         return out
 
     def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when it is True on any."""
+        if self.world == 1:
+            return flag
         import torch.distributed as dist
 
         t = torch.tensor([1 if flag else 0], device=device)
@@ -70,6 +80,8 @@ class Dist:
 
     def broadcast(self, obj):
         """``obj`` of rank 0, on every rank (pickled: plain data and CPU tensors)."""
+        if self.world == 1:
+            return obj
         import torch.distributed as dist
 
         box = [obj if self.main else None]
@@ -77,6 +89,8 @@ class Dist:
         return box[0]
 
     def gather(self, obj) -> list:
+        if self.world == 1:
+            return [obj]
         import torch.distributed as dist
 
         out = [None] * self.world
@@ -84,9 +98,10 @@ class Dist:
         return out
 
     def barrier(self) -> None:
-        import torch.distributed as dist
+        if self.world > 1:
+            import torch.distributed as dist
 
-        dist.barrier()
+            dist.barrier()
 
 
 def _env_int(name: str, default: str | None = None) -> int:
@@ -101,17 +116,17 @@ def _env_int(name: str, default: str | None = None) -> int:
     return value
 
 
-def from_env() -> Dist | None:
-    """The torchrun job this process belongs to, or None (no torchrun, or a job of one); a
-    torchrun environment that does not make sense is a ConfigError naming the variable."""
+def from_env() -> Dist:
+    """The torchrun job this process belongs to (a job of one without torchrun); a torchrun
+    environment that does not make sense is a ConfigError naming the variable."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
+        return Dist()
     d = Dist(_env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK", "0"),
              _env_int("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     if not (d.rank < d.world and d.local_rank < d.local_world <= d.world):
         raise ConfigError(f"RANK {d.rank}, WORLD_SIZE {d.world}, LOCAL_RANK {d.local_rank} and LOCAL_WORLD_SIZE "
                           f"{d.local_world} do not describe a process of a job (rank < world size)")
-    return d if d.world > 1 else None
+    return d if d.world > 1 else Dist()
 
 
 def timeout_seconds() -> float:

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from .augment import Normalize
-from .checkpoint import check_weights_header, load_weights, read_meta
+from .checkpoint import build_model, open_checkpoint
 from .errors import DataError, VitlabError
 from .fileio import (atomic_write_text, fsync_dir, owner_tag, parse_json, printable, read_bounded, read_json, temp_dir,
                      write_synced)
@@ -182,16 +182,13 @@ def export(checkpoint: Path, fmt: str, out: Path | None = None, float_input: boo
     if fmt not in FORMATS:
         raise VitlabError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     checkpoint = Path(checkpoint)
-    meta = read_meta(checkpoint)  # every checksum: a damaged checkpoint is refused before anything is written
-    check_weights_header(checkpoint, meta.model)
+    meta = open_checkpoint(checkpoint)  # every checksum: a damaged checkpoint is refused before anything is written
     if fmt != "onnx":
         check_exportable(meta.model, "timm-folder" if fmt == "timm" else fmt)
     require(fmt)
     out = Path(out) if out is not None else default_out(checkpoint, fmt)
     check_out(out, fmt)  # before any work
-    model = ViT(meta.model, Kernels(attention="explicit"))  # explicit attention: every runtime has matmul + softmax
-    load_weights(checkpoint, model)
-    model.eval()
+    model = build_model(checkpoint, meta, Kernels(attention="explicit")).eval()  # every runtime has matmul + softmax
     imgs = check_images(checkpoint, meta, data_dir, log)
     reference = _reference_logits(model, imgs.images, meta.mean, meta.std)
     if fmt == "onnx":
@@ -347,7 +344,7 @@ def _replace_folder(tmp: Path, out: Path, fmt: str) -> None:
 
 @dataclass
 class OnnxModel:
-    """An exported ONNX file with its sidecar, run in onnxruntime."""
+    """An exported ONNX file (its description inside), run in onnxruntime."""
 
     session: object
     classes: list[str]

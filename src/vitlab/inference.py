@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from .augment import Normalize
-from .checkpoint import CONFIG, CheckpointMeta, check_weights_header, load_weights, read_meta
+from .checkpoint import CONFIG, CheckpointMeta, build_model, open_checkpoint
 from .config import DEFAULT_EVAL_BATCH, TrainConfig
 from .data import DatasetSplits, load_dataset
 from .errors import CheckpointError, DataError
 from .fileio import printable
 from .autotune import Choice, choose
 from .model import ViT
-from .runtime import autocast, keep_freed_memory, resolve_device
+from .devices import autocast, keep_freed_memory, resolve_device
 
 
 @torch.inference_mode()
@@ -44,8 +44,9 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalize: Norm
 
 
 def loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(sum of cross-entropy, correct predictions, count) as one float64 tensor: the form
-    that adds up across shards (distributed evaluation reduces exactly these)."""
+    """(sum of cross-entropy, correct predictions, count) as one float64 tensor: the form that
+    adds up across batches and shards (a run's epoch sums; distributed evaluation gathers the
+    logits themselves)."""
     labels = labels.to(logits.device)
     return torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
                         (logits.argmax(1) == labels).sum().double(),
@@ -97,14 +98,12 @@ def load_predictor(checkpoint: Path, device: str = "auto", precision: str = "aut
     fastest there for evaluation batches (autotune; a ``precision`` or ``attention`` other than
     auto is kept: the run's own, from its manifest, reproduce its table to the last digit)."""
     checkpoint = Path(checkpoint)
-    meta = read_meta(checkpoint)
-    check_weights_header(checkpoint, meta.model)
+    meta = open_checkpoint(checkpoint)
     dev = resolve_device(device)
     keep_freed_memory(dev)
     choice = choose(meta.model, dev, batch=DEFAULT_EVAL_BATCH, training=False, attention=attention,
                     precision=precision)
-    model = ViT(meta.model, choice.kernels())
-    load_weights(checkpoint, model)
+    model = build_model(checkpoint, meta, choice.kernels())
     return Predictor(meta, model.to(dev).eval(), Normalize(meta.mean, meta.std, dev), dev, choice.amp_dtype, choice)
 
 

@@ -15,7 +15,7 @@ import re
 import torch
 
 from .errors import VitlabError
-from .model import ViT, ViTConfig
+from .model import PatchEmbed, ViT, ViTConfig
 
 
 class ExportError(VitlabError):
@@ -25,7 +25,7 @@ class ExportError(VitlabError):
 def unsupported(cfg: ViTConfig, fmt: str) -> list[str]:
     """Why ``cfg`` cannot be exported as ``fmt`` ("timm" or "hf"): empty when it can."""
     reasons = []
-    if cfg.patch_embed not in ("conv", "linear"):
+    if not PatchEmbed.registry[cfg.patch_embed].plain:
         reasons.append(f"the {cfg.patch_embed} tokenizer (timm's and transformers' ViTs cut plain patches "
                        f"with one projection)")
     if cfg.lsa:

@@ -13,21 +13,163 @@ computes it is its :class:`Kernels` (chosen per device, never saved).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .options import flag, from_mapping, is_whole, option, to_mapping
-from .runtime import fastest_attention
+from .options import flag, from_mapping, is_whole, need, option, to_mapping
+from .devices import fastest_attention
 
-PATCH_EMBEDS = ("conv", "linear", "spt", "conv-stem", "conv-pool")
 POOLS = ("cls", "mean")
 ATTENTION_KERNELS = ("auto", "sdpa", "explicit")
 MAX_IMAGE_SIZE = 512  # a ViT for small images; also bounds what a checkpoint manifest may ask to allocate
 MAX_TOKENS = 4096
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into tokens and project each to ``dim``: (B, C, H, W) -> (B, N, dim),
+    tokens in row-major order of the ``grid`` x ``grid`` patch grid. Each tokenizer is a
+    subclass, registered by its ``name`` (the --patch-embed value): what it is, which patch
+    sizes it takes, what it costs and whether other libraries can express it are said once,
+    on the class."""
+
+    name = ""
+    about = ""  # for --patch-embed's help
+    plain = False  # the plain patch projection timm's and transformers' ViTs have
+    layouts = False  # its feature maps may be NHWC or NCHW (autotune times both)
+    registry: dict[str, type["PatchEmbed"]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        PatchEmbed.registry[cls.name] = cls
+
+    @staticmethod
+    def build(cfg: "ViTConfig", kernels: "Kernels | None" = None) -> "PatchEmbed":
+        return PatchEmbed.registry[cfg.patch_embed](cfg, kernels or Kernels())
+
+    @classmethod
+    def refuses(cls, patch: int) -> str | None:
+        """Why this tokenizer cannot cut patches of side ``patch`` (None: it can)."""
+        return None
+
+    @classmethod
+    def macs(cls, cfg: "ViTConfig") -> int:
+        """Multiply-adds of one image's tokenization."""
+        return cfg.num_patches * cfg.channels * cfg.patch_size**2 * cfg.dim
+
+
+class ConvPatches(PatchEmbed):
+    name, plain = "conv", True
+    about = "'conv' or 'linear' (the plain patch projection)"
+
+    def __init__(self, cfg: "ViTConfig", kernels: "Kernels"):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class LinearPatches(PatchEmbed):
+    """The same linear map as ``conv`` (a strided convolution is a matmul over flattened
+    patches); both are offered because their speed differs."""
+
+    name, plain = "linear", True
+
+    def __init__(self, cfg: "ViTConfig", kernels: "Kernels"):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        self.proj = nn.Linear(cfg.channels * cfg.patch_size**2, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(patchify(x, self.patch_size))
+
+
+class ShiftedPatches(PatchEmbed):
+    """Shifted patch tokenization: four half-patch diagonal shifts of the image as channels,
+    then LayerNorm and a linear projection."""
+
+    name = "spt"
+    about = "'spt' (shifted patch tokenization, Lee et al. 2021)"
+
+    def __init__(self, cfg: "ViTConfig", kernels: "Kernels"):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        patch_dim = 5 * cfg.channels * cfg.patch_size**2
+        self.norm = nn.LayerNorm(patch_dim, eps=cfg.norm_eps)
+        self.proj = nn.Linear(patch_dim, cfg.dim)
+
+    @classmethod
+    def refuses(cls, patch: int) -> str | None:
+        return None if patch % 2 == 0 else f"shifts by half a patch: --patch-size must be even, got {patch}"
+
+    @classmethod
+    def macs(cls, cfg: "ViTConfig") -> int:
+        return 5 * super().macs(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.patch_size
+        return self.proj(self.norm(patchify(diagonal_shifts(x, p // 2), p)))
+
+
+class ConvStem(PatchEmbed):
+    name = "conv-stem"
+    about = "'conv-stem' (a 3x3 conv first: overlapping patches)"
+
+    def __init__(self, cfg: "ViTConfig", kernels: "Kernels"):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(cfg.channels, cfg.dim // 2, 3, padding=1), nn.GELU())
+        self.proj = nn.Conv2d(cfg.dim // 2, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+
+    @classmethod
+    def macs(cls, cfg: "ViTConfig") -> int:  # 3x3 conv to dim/2 channels at full resolution, then the patch conv
+        d = cfg.dim
+        return cfg.image_size**2 * cfg.channels * 9 * (d // 2) + cfg.num_patches * (d // 2) * cfg.patch_size**2 * d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)
+
+
+class ConvPool(PatchEmbed):
+    """The CCT tokenizer: log2(patch) stages of 3x3 conv + ReLU + 3x3/2 max-pool; the last
+    stage's conv is ``proj``, the earlier stages are the stem."""
+
+    name, layouts = "conv-pool", True
+    about = ("'conv-pool' (the CCT tokenizer, Hassani et al. 2021: log2(patch) stages of 3x3 conv + ReLU + "
+             "3x3/2 max-pool)")
+
+    def __init__(self, cfg: "ViTConfig", kernels: "Kernels"):
+        super().__init__()
+        stages, c = [], cfg.channels
+        for _ in range(cfg.conv_pool_stages - 1):
+            stages += [nn.Conv2d(c, cfg.dim // 2, 3, padding=1), ChannelsLast(kernels), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+            c = cfg.dim // 2
+        self.stem = nn.Sequential(*stages)
+        self.proj = nn.Conv2d(c, cfg.dim, 3, padding=1)
+        self.pool = nn.Sequential(ChannelsLast(kernels), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
+
+    @classmethod
+    def refuses(cls, patch: int) -> str | None:
+        return None if patch >= 2 and patch & (patch - 1) == 0 else \
+            f"halves the image per stage: --patch-size must be 2, 4, 8 ..., got {patch}"
+
+    @classmethod
+    def macs(cls, cfg: "ViTConfig") -> int:  # 3x3 convs at full, half, ... resolution; the last one to dim channels
+        macs, c, side = 0, cfg.channels, cfg.image_size
+        for stage in range(cfg.conv_pool_stages):
+            out = cfg.dim if stage == cfg.conv_pool_stages - 1 else cfg.dim // 2
+            macs += side * side * c * 9 * out
+            c, side = out, side // 2
+        return macs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.proj(self.stem(x))).flatten(2).transpose(1, 2)
+
+
+PATCH_EMBEDS = tuple(PatchEmbed.registry)
 
 
 @dataclass
@@ -46,15 +188,12 @@ class ArchConfig:
     layer_scale: float = option(0.0, "LayerScale (CaiT) initial value on each residual branch (0: off; 1e-4 is usual)")
     pos_embed_std: float = option(0.02, "standard deviation of the learned positional embedding at init: 0.02 as in ViT and timm; 1 as in vit-pytorch, which a 12-block ViT on MNIST learns from several times faster")
     pool: str = option("cls", "what feeds the head: 'cls' (class token) or 'mean' (mean of patch tokens)", choices=POOLS)
-    patch_embed: str = option("conv", "tokenizer: 'conv' or 'linear' (the plain patch projection), 'spt' (shifted patch tokenization, Lee et al. 2021), 'conv-stem' (a 3x3 conv first: overlapping patches) or 'conv-pool' (the CCT tokenizer, Hassani et al. 2021: log2(patch) stages of 3x3 conv + ReLU + 3x3/2 max-pool)", choices=PATCH_EMBEDS)
+    patch_embed: str = option("conv", "tokenizer: " + ", ".join(c.about for c in PatchEmbed.registry.values() if c.about)
+                              .replace(", 'conv-pool'", " or 'conv-pool'"), choices=PATCH_EMBEDS)
     lsa: bool = option(False, "locality self-attention (Lee et al. 2021): learnable temperature, tokens do not attend to themselves")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad architecture value."""
-        def need(cond: bool, msg: str) -> None:
-            if not cond:
-                raise ConfigError(msg)
-
         for name, top in (("depth", 64), ("heads", 64), ("dim", 4096), ("mlp_dim", 16384)):
             v = getattr(self, name)
             need(is_whole(v) and 1 <= v <= top,
@@ -69,11 +208,8 @@ class ArchConfig:
         need(self.pool in POOLS, f"--pool must be 'cls' or 'mean', got {self.pool!r}")
         need(self.patch_embed in PATCH_EMBEDS, f"--patch-embed must be one of {', '.join(PATCH_EMBEDS)}, got {self.patch_embed!r}")
         need(isinstance(self.lsa, bool), f"--lsa must be true or false, got {self.lsa!r}")
-        if p is not None:
-            need(self.patch_embed != "conv-pool" or (p >= 2 and p & (p - 1) == 0),
-                 f"--patch-embed conv-pool halves the image per stage: --patch-size must be 2, 4, 8 ..., got {p}")
-            need(self.patch_embed != "spt" or p % 2 == 0,
-                 f"--patch-embed spt shifts by half a patch: --patch-size must be even, got {p}")
+        refused = PatchEmbed.registry[self.patch_embed].refuses(p) if p is not None else None
+        need(refused is None, f"--patch-embed {self.patch_embed} {refused}")
 
 
 def default_patch_size(image_size: int) -> int:
@@ -150,20 +286,18 @@ class ViTConfig(ArchConfig):
         return from_mapping(cls, d, source, ignore=("attention",))
 
 
-def arch_fields() -> list[str]:
-    """The names of the fields a user chooses (``ArchConfig``), in declaration order."""
-    return [f.name for f in fields(ArchConfig)]
-
-
-@dataclass
+@dataclass(frozen=True)
 class Kernels:
     """How the model computes, not what: the same function either way, so never saved with
-    the weights. Every copy of a model (the EMA copy included) shares its options.
+    the weights. Fixed when a model is built (``ViT.with_kernels`` gives a copy that computes
+    another way); every copy of a model (the EMA copy included) computes as it does.
 
     ``attention``: "sdpa" (``F.scaled_dot_product_attention``), "explicit" (softmax(q k^T) v
-    as matrix products), or "auto": the one measured fastest for the device and autocast
-    dtype of each call (``runtime.fastest_attention``; on CPU under bf16, SDPA falls back to
-    a path 2.5x slower). ``cls_only_last_block``: with a class token, the head reads only
+    as matrix products), or "auto": a rule of thumb applied to the device and autocast dtype
+    of each call (``devices.fastest_attention``: explicit on CPU under bf16, where SDPA falls
+    back to a path 2.5x slower, else SDPA) for models built from Python; vitlab's own commands
+    time the candidates instead (``vitlab.autotune``) and build with the winner.
+    ``cls_only_last_block``: with a class token, the head reads only
     that token, so the last block computes only its output: the same logits for an eighth
     fewer FLOPs at depth 6 (a 19% faster training step on the 2-core CPU).
     ``channels_last``: the conv-pool tokenizer keeps its feature maps in NHWC.
@@ -203,54 +337,6 @@ class ChannelsLast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.kernels.channels_last else x
-
-
-class PatchEmbed(nn.Module):
-    """Cut the image into patches and project each to ``dim``: (B, C, H, W) -> (B, N, dim),
-    tokens in row-major order of the ``grid`` x ``grid`` patch grid.
-
-    ``conv`` and ``linear`` are the same linear map (a strided convolution is a
-    matmul over flattened patches); both are offered because their speed differs.
-    ``spt`` adds four half-patch diagonal shifts of the image as channels, then
-    LayerNorm and a linear projection; ``conv-stem`` runs a 3x3 convolution first.
-    """
-
-    def __init__(self, cfg: ViTConfig, kernels: Kernels | None = None):
-        super().__init__()
-        kernels = kernels or Kernels()
-        self.patch_size = cfg.patch_size
-        self.kind = cfg.patch_embed
-        patch_dim = cfg.channels * cfg.patch_size**2
-        if self.kind == "conv":
-            self.proj = nn.Conv2d(cfg.channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        elif self.kind == "linear":
-            self.proj = nn.Linear(patch_dim, cfg.dim)
-        elif self.kind == "spt":
-            self.norm = nn.LayerNorm(5 * patch_dim, eps=cfg.norm_eps)
-            self.proj = nn.Linear(5 * patch_dim, cfg.dim)
-        elif self.kind == "conv-stem":
-            self.stem = nn.Sequential(nn.Conv2d(cfg.channels, cfg.dim // 2, 3, padding=1), nn.GELU())
-            self.proj = nn.Conv2d(cfg.dim // 2, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        else:  # conv-pool: the last stage's conv is `proj`, the earlier stages are the stem
-            stages, c = [], cfg.channels
-            for _ in range(cfg.conv_pool_stages - 1):
-                stages += [nn.Conv2d(c, cfg.dim // 2, 3, padding=1), ChannelsLast(kernels), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-                c = cfg.dim // 2
-            self.stem = nn.Sequential(*stages)
-            self.proj = nn.Conv2d(c, cfg.dim, 3, padding=1)
-            self.pool = nn.Sequential(ChannelsLast(kernels), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        if self.kind == "conv":
-            return self.proj(x).flatten(2).transpose(1, 2)
-        if self.kind == "linear":
-            return self.proj(patchify(x, p))
-        if self.kind == "spt":
-            return self.proj(self.norm(patchify(diagonal_shifts(x, p // 2), p)))
-        if self.kind == "conv-stem":
-            return self.proj(self.stem(x)).flatten(2).transpose(1, 2)
-        return self.pool(self.proj(self.stem(x))).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -406,7 +492,7 @@ class ViT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.kernels = kernels or Kernels()
-        self.patch_embed = PatchEmbed(cfg, self.kernels)
+        self.patch_embed = PatchEmbed.build(cfg, self.kernels)
         # The class token exists only when it feeds the head.
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim)) if cfg.pool == "cls" else None
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, cfg.dim))
@@ -416,6 +502,16 @@ class ViT(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         self.reset_parameters()
+
+    def with_kernels(self, kernels: Kernels) -> "ViT":
+        """A copy of this model (same weights, device and mode) that computes as ``kernels`` say;
+        built on the meta device, so no random number is drawn."""
+        with torch.device("meta"):
+            other = ViT(self.cfg, kernels)
+        device = next(self.parameters()).device
+        other = other.to_empty(device=device).train(self.training)
+        other.load_state_dict(self.state_dict())
+        return other
 
     def reset_parameters(self) -> None:
         """ViT/timm init: truncated normal (std 0.02) for linear layers and
@@ -502,15 +598,7 @@ def flops_per_image(cfg: ViTConfig, training: bool = True, cls_only_last_block: 
     last block; without it, the architecture's FLOPs, as peers compute them."""
     n = cfg.num_tokens
     d, m = cfg.dim, cfg.mlp_dim
-    patch = cfg.num_patches * cfg.channels * cfg.patch_size**2 * d * (5 if cfg.patch_embed == "spt" else 1)
-    if cfg.patch_embed == "conv-stem":  # 3x3 conv to dim/2 channels at full resolution, then the patch conv
-        patch = cfg.image_size**2 * cfg.channels * 9 * (d // 2) + cfg.num_patches * (d // 2) * cfg.patch_size**2 * d
-    if cfg.patch_embed == "conv-pool":  # 3x3 convs at full, half, ... resolution; the last one to dim channels
-        patch, c, side = 0, cfg.channels, cfg.image_size
-        for stage in range(cfg.conv_pool_stages):
-            out = d if stage == cfg.conv_pool_stages - 1 else d // 2
-            patch += side * side * c * 9 * out
-            c, side = out, side // 2
+    patch = PatchEmbed.registry[cfg.patch_embed].macs(cfg)
     per_block = n * (3 * d * d + d * d + 2 * d * m) + 2 * n * n * d  # projections, MLP, QK^T and AV
     macs = patch + cfg.depth * per_block + d * cfg.num_classes
     if cls_only_last_block and cfg.pool == "cls":

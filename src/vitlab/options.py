@@ -29,6 +29,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def need(cond: bool, message: str, error: type[Exception] = ConfigError) -> None:
+    """Raise ``error(message)`` unless ``cond``: the one check every validation is written with."""
+    if not cond:
+        raise error(message)
+
+
 def is_whole(value: Any) -> bool:
     """An int that is not a bool (``True`` is an int to Python, never a count or a size here)."""
     return isinstance(value, int) and not isinstance(value, bool)

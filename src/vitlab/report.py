@@ -17,11 +17,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from . import metrics
 from .errors import DataError
 from .fileio import NotRegularFile, append_synced, atomic_write_bytes, atomic_write_text, printable, read_bounded
 
-METRIC_FIELDS = ["epoch", "step", "lr", "train_loss", "train_acc", "val_loss", "val_acc"]
-EMA_FIELDS = ["val_ema_loss", "val_ema_acc"]
+METRIC_FIELDS, EMA_FIELDS = metrics.COLUMNS, metrics.EMA_COLUMNS
 
 
 # -------------------------------------------------------------------- metrics
@@ -68,18 +68,14 @@ def _row_problem(line: list[str], header: list[str], previous: dict | None) -> s
         values = {k: float(v) for k, v in zip(header, line)}
     except ValueError:
         return "a value that is not a number"
-    bad = [k for k, v in values.items() if not math.isfinite(v)]
-    if bad:
-        return f"{bad[0]} is {values[bad[0]]}"
-    if not all(values[k].is_integer() and 0 <= values[k] <= 1 << 53 for k in ("epoch", "step")):
-        return "epoch and step must be whole numbers"
+    for k, v in values.items():
+        field = metrics.BY_COLUMN[k]
+        if not field.valid(v):
+            return (f"{k} is {v}" if not math.isfinite(v) else f"{k} {v} is not an accuracy"
+                    if field.kind == "accuracy" else f"{k} must be a whole number" if field.kind == "count"
+                    else f"{k} {v} is negative")
     if values["epoch"] != (previous["epoch"] + 1 if previous else 1) or (previous and values["step"] < previous["step"]):
         return "epochs must count up from 1 and steps may not go back"
-    for k, v in values.items():
-        if k.endswith("_acc") and not 0 <= v <= 1:
-            return f"{k} {v} is not an accuracy"
-        if (k.endswith("_loss") or k == "lr") and v < 0:
-            return f"{k} {v} is negative"
     return None
 
 
@@ -127,9 +123,10 @@ def code_version() -> str:
 
 
 def source_digest(package: Path = Path(__file__).resolve().parent) -> str:
-    """sha256 (first 12 hex digits) over the names and bytes of the package's .py and preset files."""
+    """sha256 (first 12 hex digits) over the names and bytes of the package's .py (its
+    subpackages' too) and preset files."""
     h = hashlib.sha256()
-    for f in sorted([*package.glob("*.py"), *package.glob("presets/*.yaml")]):
+    for f in sorted([*package.rglob("*.py"), *package.glob("presets/*.yaml")]):
         h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:12]
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import metrics
 from .errors import ConfigError
 from .fileio import fsync_dir, printable, temp_dir
 
@@ -56,8 +57,8 @@ class Board:
         if self.writer is None:
             return
         for i, (loss, lr) in enumerate(zip(losses.tolist(), lrs)):
-            self.writer.add_scalar("train/step_loss", loss, first_step + i)
-            self.writer.add_scalar("train/lr", lr, first_step + i)
+            self.writer.add_scalar(metrics.STEP_LOSS, loss, first_step + i)
+            self.writer.add_scalar(metrics.STEP_LR, lr, first_step + i)
 
     def scalar(self, tag: str, value: float, step: int) -> None:
         if self.writer is not None:
@@ -66,15 +67,11 @@ class Board:
     def epoch(self, row: dict) -> None:
         if self.writer is None:
             return
-        step = row["step"]
-        for key, tag in (("train_loss", "train/loss"), ("train_acc", "train/accuracy"), ("val_loss", "val/loss"),
-                         ("val_acc", "val/accuracy"), ("val_ema_loss", "val_ema/loss"), ("val_ema_acc", "val_ema/accuracy"),
-                         ("lr", "train/epoch_lr")):
-            if key in row:
-                self.writer.add_scalar(tag, row[key], step)
-        self.writer.add_scalar("epoch", row["epoch"], step)
+        for field in metrics.EPOCH + metrics.EMA:
+            if field.tag is not None and field.column in row:
+                self.writer.add_scalar(field.tag, row[field.column], row["step"])
 
-    def report(self, figures: dict[str, Path], config: dict, metrics: dict[str, float], step: int) -> None:
+    def report(self, figures: dict[str, Path], config: dict, final: dict[str, float], step: int) -> None:
         """The run's figures (PNG files it wrote) and hyperparameters with its final metrics, as one
         event file that replaces the one an earlier report wrote."""
         if self.writer is None:
@@ -91,7 +88,7 @@ class Board:
                     with Image.open(png) as im:
                         writer.add_image(tag, np.asarray(im.convert("RGB")), step, dataformats="HWC")
             flat = {k: (str(v) if isinstance(v, (list, tuple)) or v is None else v) for k, v in config.items()}
-            tagged = {f"hparam/{k}": v for k, v in metrics.items()}
+            tagged = {f"hparam/{k}": v for k, v in final.items()}
             for summary in hparams(flat, tagged):
                 writer.file_writer.add_summary(summary, step)
             for k, v in tagged.items():

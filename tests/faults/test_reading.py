@@ -320,7 +320,7 @@ def test_a_model_of_4_channels_is_refused_once_for_image_files(tmp_path):
 # ------------------------------------------------------ what vitlab draws
 
 def test_explain_split_is_bounded_and_paged(finished, tmp_path):
-    from vitlab.explanations import MAX_COUNT, PAGE
+    from vitlab.explain_figures import MAX_COUNT, PAGE
 
     result = CliRunner().invoke(cli, ["explain", str(finished / "best"), "--split", "train", "--count",
                                       str(MAX_COUNT + 1), "--out", str(tmp_path)])

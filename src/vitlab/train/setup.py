@@ -1,0 +1,135 @@
+"""Stage 3, the setup: what a run trains with, built once: the model (compiled and wrapped for
+DistributedDataParallel where asked), the optimizer, the weight EMA, the batches and the
+learning-rate schedule."""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..augment import BatchAugment, Normalize
+from ..checkpoint import CheckpointMeta
+from ..config import TrainConfig
+from ..data import DatasetSplits
+from ..distributed import Dist
+from ..errors import ConfigError
+from ..model import Kernels, ViT, ViTConfig, check_patch_fits, default_patch_size, flops_per_image
+from .batches import Batches
+
+
+def build_model_config(cfg: TrainConfig, data: DatasetSplits) -> ViTConfig:
+    """The architecture of ``cfg`` at the data's image size, channels and class count."""
+    patch = cfg.patch_size or default_patch_size(data.image_size)
+    try:
+        check_patch_fits(data.image_size, patch, f"the image size {data.image_size} of {cfg.dataset}")
+    except ConfigError as e:
+        raise ConfigError(f"{e}, or set --image-size") from None
+    return ViTConfig(**{**cfg.arch(), "patch_size": patch}, image_size=data.image_size, channels=data.channels,
+                     num_classes=len(data.classes))
+
+
+def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    return int(round(cfg.warmup_epochs * steps_per_epoch))
+
+
+def schedule_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
+    """The optimizer steps of the whole run, where the schedule ends: --max-steps, else whole epochs."""
+    return cfg.max_steps or cfg.epochs * steps_per_epoch
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``min(min_lr, lr)`` at ``total_steps``."""
+    min_lr = min(min_lr, lr)
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: ViT, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the weight-decay groups."""
+    return torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=(0.9, 0.999))
+
+
+class WeightEMA:
+    """An exponential moving average of a model's weights, updated after every step with
+    one fused foreach lerp. The decay ramps up as min(decay, (1 + step) / (10 + step)),
+    so early averages are not dominated by the random initialisation. The average is a
+    deep copy of the model: the same architecture and the same kernel options."""
+
+    def __init__(self, model: ViT, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self._ema = list(self.model.parameters())
+        self._src = list(model.parameters())
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self._ema, [p.detach() for p in self._src], 1.0 - d)
+
+
+@dataclass
+class Setup:
+    """What a run trains with, built once."""
+
+    model: ViT
+    step_model: torch.nn.Module  # the model as the training step calls it (compiled, DDP-wrapped, or itself)
+    ema: WeightEMA | None
+    optimizer: torch.optim.Optimizer
+    normalize: Normalize
+    batches: Batches
+    meta: CheckpointMeta
+    config_yaml: str
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    flops_per_image: float  # the work one training image costs, as computed (class-token shortcut included)
+
+    @classmethod
+    def build(cls, cfg: TrainConfig, data: DatasetSplits, device: torch.device, kernels: Kernels,
+              dist: Dist) -> "Setup":
+        """Everything built on ``device``, computing with ``kernels``; with several processes
+        (``dist``), wrapped for DistributedDataParallel, each rank handed its rows of a batch."""
+        model_cfg = build_model_config(cfg, data)
+        model = ViT(model_cfg, kernels).to(device)
+        normalize = Normalize(data.mean, data.std, device)
+        batch_size = min(cfg.batch_size, len(data.train) // dist.world * dist.world)
+        step_model = torch.compile(model) if cfg.compile else model
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+        augment = BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip,
+                               cfg.random_erasing, cfg.trivial_augment, cfg.translate)
+        batches = Batches(data.train.images.to(device), data.train.labels.to(device), augment, batch_size, cfg.seed,
+                          cfg.repeated_augment, cfg.mixup_alpha, cfg.cutmix_alpha, model_cfg.num_classes,
+                          dist.rows(batch_size))
+        steps = batches.steps_per_epoch
+        return cls(
+            model=model,
+            step_model=step_model,
+            ema=WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
+            optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay),
+            normalize=normalize,
+            batches=batches,
+            meta=CheckpointMeta(model_cfg, data.classes, data.mean, data.std, cfg.dataset, data=data.fingerprint()),
+            config_yaml=cfg.to_yaml(),
+            steps_per_epoch=steps,
+            total_steps=schedule_steps(cfg, steps),
+            warmup_steps=warmup_steps(cfg, steps),
+            flops_per_image=flops_per_image(model_cfg, training=True, cls_only_last_block=kernels.cls_only_last_block),
+        )
+
+    def batches_in(self, epoch: int) -> int:
+        """Batches of epoch ``epoch`` (0-based): all of them but in a partial last epoch."""
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+    def reschedule(self, cfg: TrainConfig) -> None:
+        """A new length (a --time-budget decision): the schedule and the saved config follow."""
+        self.total_steps = schedule_steps(cfg, self.steps_per_epoch)
+        self.warmup_steps = warmup_steps(cfg, self.steps_per_epoch)
+        self.config_yaml = cfg.to_yaml()
