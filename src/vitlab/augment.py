@@ -21,6 +21,13 @@ import torch.nn.functional as F
 from .trivial_augment import trivial_augment
 
 
+def _pair(a: float, b: float, like: torch.Tensor) -> torch.Tensor:
+    """The pair (a, b) as a tensor of ``like``'s dtype and device, filled there: no copy from the host."""
+    out = torch.empty(2, dtype=like.dtype, device=like.device)
+    out[0], out[1] = a, b
+    return out
+
+
 def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
                       generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                       tries: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +42,7 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float
     target_area = u[..., 0].mul(area * (scale[1] - scale[0])).add_(area * scale[0])
     aspect = u[..., 1].mul(log_hi - log_lo).add_(log_lo).exp_()
     hw = torch.stack([(target_area / aspect).sqrt_(), (target_area * aspect).sqrt_()], -1).round_()  # (n, tries, 2)
-    limit = torch.tensor([height, width], device=device, dtype=hw.dtype)
+    limit = _pair(height, width, hw)  # (no host-to-device copy: on a GPU it would block)
     ok = ((hw <= limit) & (hw >= 1)).all(-1)
     first = ok.byte().argmax(dim=1)  # index of the first valid try
     hw = hw.gather(1, first.view(n, 1, 1).expand(n, 1, 2)).squeeze(1)
@@ -49,7 +56,7 @@ def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float
     else:
         fallback = (height, width)
     any_ok = ok.any(dim=1, keepdim=True)
-    hw = torch.where(any_ok, hw, torch.tensor(fallback, device=device, dtype=hw.dtype))
+    hw = torch.where(any_ok, hw, _pair(*fallback, hw))
     room = limit - hw
     corner = torch.where(any_ok, (torch.rand(n, 2, generator=generator, device=device) * (room + 1)).floor_(),
                          (room / 2).floor_())
@@ -149,7 +156,7 @@ class BatchAugment:
             corner, size = sample_crop_boxes(n, height, width, self.crop_scale, self.crop_ratio, generator, device)
         else:
             corner = torch.zeros(n, 2, device=device)
-            size = torch.tensor([[height, width]], dtype=torch.float32, device=device).expand(n, 2)
+            size = _pair(height, width, corner).expand(n, 2)
         flip = torch.rand(n, generator=generator, device=device) < self.hflip if self.hflip > 0 else None
         if self.translate > 0:
             corner = corner + torch.randint(-self.translate, self.translate + 1, (n, 2), generator=generator,
@@ -196,35 +203,32 @@ def random_erasing(x: torch.Tensor, prob: float, generator: torch.Generator | No
     return torch.where(inside.unsqueeze(1), noise, x)
 
 
-def _generator_device(generator: torch.Generator | None) -> torch.device | str:
-    return generator.device if generator is not None else "cpu"
-
-
-def _beta(alpha: float, generator: torch.Generator | None) -> float:
-    """A Beta(alpha, alpha) draw whose randomness comes from ``generator`` (torch has no
-    seeded Beta sampler), so a resumed run draws the same values."""
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=_generator_device(generator)))
-    return float(np.random.default_rng(seed).beta(alpha, alpha))
+def one_hot(y: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot rows without ``F.one_hot``'s range check, which reads the labels back to the
+    host (a device sync per call): the labels come from the dataset, checked when it loaded."""
+    return torch.zeros(len(y), num_classes, dtype=dtype, device=y.device).scatter_(1, y.view(-1, 1), 1.0)
 
 
 def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              rng: np.random.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup (Zhang et al.) or CutMix (Yun et al.) of a batch with its reverse, one of
     the two chosen at random when both are on. Returns the mixed images and soft
     targets ``lam * onehot(y) + (1 - lam) * onehot(y reversed)``, with ``lam`` the
-    exact area fraction for CutMix."""
-    target = F.one_hot(y, num_classes).to(x.dtype)
+    exact area fraction for CutMix. The batch's few random scalars (which of the two, the
+    Beta draw, the box) come from ``rng``, a generator on the host: drawing them on the
+    device would cost a device sync each."""
+    target = one_hot(y, num_classes, x.dtype)
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return x, target
-    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or _beta(1.0, generator) < 0.5)
-    lam = _beta(cutmix_alpha if use_cutmix else mixup_alpha, generator)
+    rng = rng if rng is not None else np.random.default_rng()
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix_alpha if use_cutmix else mixup_alpha, cutmix_alpha if use_cutmix else mixup_alpha))
     other = x.flip(0)
     if use_cutmix:
         _, _, height, width = x.shape
         cut = math.sqrt(1.0 - lam)
         ch, cw = int(height * cut), int(width * cut)
-        r = torch.rand(2, generator=generator, device=_generator_device(generator))
-        cy, cx = int(r[0] * height), int(r[1] * width)
+        cy, cx = int(rng.random() * height), int(rng.random() * width)
         y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
         x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, width)
         x = x.clone()

@@ -41,6 +41,7 @@ from safetensors.torch import load_file, save
 
 from .autotune import choose
 from .config import DEFAULT_EVAL_BATCH
+from .devices import resolve_device
 from .errors import CheckpointError, ConfigError
 from .fileio import fsync_dir, open_regular, remove, read_bounded, read_json, sha256_file, temp_dir, write_synced
 from .model import Kernels, ViT, ViTConfig
@@ -301,9 +302,9 @@ def load_checkpoint(folder: str | Path, device: str | torch.device = "cpu",
     how it computes (default: those measured fastest on ``device`` for fp32 evaluation
     batches, vitlab.autotune)."""
     meta = open_checkpoint(folder)
+    device = device if isinstance(device, torch.device) else resolve_device(str(device))  # "auto" too; one line if bad
     if kernels is None:
-        kernels = choose(meta.model, torch.device(device), batch=DEFAULT_EVAL_BATCH, training=False,
-                         precision="fp32").kernels()
+        kernels = choose(meta.model, device, batch=DEFAULT_EVAL_BATCH, training=False, precision="fp32").kernels()
     return build_model(folder, meta, kernels).to(device).eval(), meta.model
 
 

@@ -86,8 +86,18 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA and MPS run asynchronously: a timing without
+    this measures the launches only)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """The dtype sums of many losses and counts are kept in on ``device``: float64, except on
+    Apple's MPS, which has none (float32 there: a 50,000-image epoch's counts stay exact)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype | None, n: int | None = None, reps: int = 20) -> float:

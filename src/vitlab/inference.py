@@ -23,7 +23,7 @@ from .errors import CheckpointError, DataError
 from .fileio import printable
 from .autotune import Choice, choose
 from .model import ViT
-from .devices import autocast, keep_freed_memory, resolve_device
+from .devices import accumulation_dtype, autocast, keep_freed_memory, resolve_device
 
 
 @torch.inference_mode()
@@ -44,13 +44,13 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, normalize: Norm
 
 
 def loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(sum of cross-entropy, correct predictions, count) as one float64 tensor: the form that
-    adds up across batches and shards (a run's epoch sums; distributed evaluation gathers the
-    logits themselves)."""
+    """(sum of cross-entropy, correct predictions, count) as one tensor of the device's
+    accumulation dtype (float64, float32 on MPS): the form that adds up across batches (a
+    run's epoch sums; distributed evaluation gathers the logits themselves)."""
     labels = labels.to(logits.device)
-    return torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                        (logits.argmax(1) == labels).sum().double(),
-                        torch.tensor(float(len(labels)), dtype=torch.float64, device=logits.device)])
+    acc = accumulation_dtype(logits.device)
+    return torch.stack([F.cross_entropy(logits, labels, reduction="sum").to(acc),
+                        (logits.argmax(1) == labels).sum().to(acc), logits.new_full((), len(labels), dtype=acc)])
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

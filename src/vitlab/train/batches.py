@@ -4,7 +4,8 @@ rank's rows of each global batch (airbench's ``CifarLoader``: the loop is ``for 
 batches.epoch(...)``).
 
 Every draw is a pure function of (seed, epoch, batch) or comes from the loader's own
-generator, whose state is saved with each checkpoint: an epoch can be started at any batch
+generators (one on the device, one on the host for per-batch scalars), whose states are
+saved with each checkpoint: an epoch can be started at any batch
 and draws exactly what an uninterrupted run draws there.
 """
 
@@ -14,6 +15,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 
 from ..augment import BatchAugment, mix_batch
@@ -69,7 +71,10 @@ class Batches:
         self.batch_size, self.seed, self.repeats, self.rows = batch_size, seed, repeats, rows
         self.mixup, self.cutmix, self.num_classes = mixup, cutmix, num_classes
         self.steps_per_epoch = len(labels) // batch_size  # the ragged last batch is dropped: static shapes
-        self.generator = torch.Generator(device=images.device).manual_seed(seed)  # saved with every checkpoint
+        # saved with every checkpoint: the augmentation's draws on the device, and the few per-batch
+        # scalars of mixing, drawn on the host (on the device, each would cost a device sync)
+        self.generator = torch.Generator(device=images.device).manual_seed(seed)
+        self.host = np.random.default_rng([seed, 17])
 
     def epoch(self, epoch: int, first: int, length: Callable[[], int]) -> Iterator[Batch]:
         """The batches of ``epoch`` from batch ``first``, as long as ``length()`` (asked before
@@ -87,5 +92,5 @@ class Batches:
             y = self.labels.index_select(0, idx)
             target = y
             if self.mixup > 0 or self.cutmix > 0:  # soft targets; accuracy still counts the dominant label
-                x, target = mix_batch(x, y, self.num_classes, self.mixup, self.cutmix, self.generator)
+                x, target = mix_batch(x, y, self.num_classes, self.mixup, self.cutmix, self.host)
             yield Batch(b, x[self.rows], y[self.rows], target[self.rows])

@@ -18,6 +18,7 @@ from .. import report, rundir
 from ..checkpoint import CONFIG, STATE, load_state, load_weights, open_checkpoint, read_meta, recover
 from ..config import RUNTIME_FIELDS, TrainConfig, check_resume_changes, default_config
 from ..data import DatasetSplits, fingerprint_changes
+from ..devices import accumulation_dtype
 from ..distributed import LAUNCHER_ENV, PeerLost, from_env
 from ..errors import CheckpointError, DataError
 from ..fileio import printable
@@ -144,7 +145,7 @@ def prepare_state(folder: RunFolder, setup: Setup, compute: Compute, log: Callab
     """A fresh state, or the one in the checkpoint being resumed (metrics.csv cut back to it).
     The writing process reads the checkpoint and hands it to the others."""
     if folder.checkpoint is None:
-        state = TrainState(epoch_sums=torch.zeros(3, device=compute.device, dtype=torch.float64))
+        state = TrainState(epoch_sums=torch.zeros(3, device=compute.device, dtype=accumulation_dtype(compute.device)))
     else:
         def read() -> tuple:
             load_weights(folder.checkpoint, setup.model)  # checks the header first

@@ -73,9 +73,10 @@ def train_epoch(setup: Setup, state: TrainState, compute: Compute, cfg: TrainCon
         if setup.ema is not None:
             setup.ema.update(state.step)
         with torch.no_grad():
-            n = batch.labels.new_full((), len(batch.labels), dtype=torch.float64)
-            state.epoch_sums += torch.stack([loss.detach().double() * len(batch.labels),
-                                             (logits.argmax(1) == batch.labels).sum().double(), n])
+            acc = state.epoch_sums.dtype  # float64, float32 on MPS (devices.accumulation_dtype)
+            state.epoch_sums += torch.stack([loss.detach().to(acc) * len(batch.labels),
+                                             (logits.argmax(1) == batch.labels).sum().to(acc),
+                                             batch.labels.new_full((), len(batch.labels), dtype=acc)])
         pending.append((loss.detach(), lr))
         at_log = state.batch % cfg.log_every == 0 or state.batch == setup.batches_in(state.epoch)
         if at_log:

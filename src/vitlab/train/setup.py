@@ -98,11 +98,13 @@ class Setup:
         model = ViT(model_cfg, kernels).to(device)
         normalize = Normalize(data.mean, data.std, device)
         batch_size = min(cfg.batch_size, len(data.train) // dist.world * dist.world)
-        step_model = torch.compile(model) if cfg.compile else model
-        if dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel
+        step_model = model
+        if dist.world > 1:  # wrapped first and compiled after (PyTorch's order: the gradient all-reduce can then
+            from torch.nn.parallel import DistributedDataParallel  # overlap the backward pass)
 
-            step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None)
+            step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.compile:
+            step_model = torch.compile(step_model)
         augment = BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip,
                                cfg.random_erasing, cfg.trivial_augment, cfg.translate)
         batches = Batches(data.train.images.to(device), data.train.labels.to(device), augment, batch_size, cfg.seed,

@@ -5,6 +5,7 @@ gathered by the caller, where it is visible that every rank takes part."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..devices import accumulation_dtype
 from ..errors import CheckpointError
 from .setup import Setup
 
@@ -31,6 +33,8 @@ def rng_state(device: torch.device) -> dict:
                        "cached_gaussian": float(cached)}}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -43,6 +47,8 @@ def set_rng_state(state: dict, device: torch.device) -> None:
                          npy["cached_gaussian"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "mps" and "mps" in state:
+        torch.mps.set_rng_state(state["mps"])
 
 
 @dataclass
@@ -57,7 +63,7 @@ class TrainState:
     elapsed: float = 0.0  # training seconds of earlier sessions
     lr_scale: float = 1.0  # halved by every batch skipped for a non-finite loss
     metrics_rows: int = 0
-    epoch_sums: torch.Tensor | None = None  # float64 (loss sum, correct, seen) of this epoch, this rank's, on the device
+    epoch_sums: torch.Tensor | None = None  # (loss sum, correct, seen) of this epoch, this rank's, on the device
     rows: list[dict] = field(default_factory=list)  # metrics.csv
     started: float = field(default_factory=time.perf_counter)  # this session's start of training
     # The first step whose loss was NaN/Inf, tracked on the device so the hot loop needs no host sync.
@@ -72,6 +78,7 @@ class TrainState:
                 "metrics_rows": len(self.rows), "epoch_sums": epoch_sums.cpu(),
                 "device_type": device.type, "optimizer": setup.optimizer.state_dict(),
                 "aug_generator": setup.batches.generator.get_state(), "rng": rng_state(device),
+                "host_generator": json.dumps(setup.batches.host.bit_generator.state),
                 **({"ema": setup.ema.model.state_dict()} if setup.ema is not None else {})}
 
     @classmethod
@@ -91,10 +98,12 @@ class TrainState:
             setup.model.load_state_dict(weights)
             setup.optimizer.load_state_dict(d["optimizer"])
             setup.batches.generator.set_state(d["aug_generator"])
+            if "host_generator" in d:  # (a checkpoint of vitlab 0.2 drew mixing on the device)
+                setup.batches.host.bit_generator.state = json.loads(d["host_generator"])
             if setup.ema is not None:
                 setup.ema.model.load_state_dict(d["ema"])
             set_rng_state(d["rng"], device)
-            sums = d["epoch_sums"].to(device=device, dtype=torch.float64)
+            sums = d["epoch_sums"].to(device=device, dtype=accumulation_dtype(device))
             state.epoch_sums = sums if main else torch.zeros_like(sums)  # the saved sums are all ranks'
             if state.epoch_sums.shape != (3,) or not 0 <= state.batch <= setup.batches_in(state.epoch):
                 raise ValueError("counters out of range")

@@ -105,10 +105,15 @@ def calibrate(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Comp
               ) -> tuple[float, float, float]:
     """(seconds per training step, per evaluated image, per checkpoint) measured on copies of the
     model and optimizer, with the random streams put back: the run itself is untouched."""
+    with torch.random.fork_rng(devices=[compute.device] if compute.device.type == "cuda" else []):
+        return _calibrate(cfg, setup, data, compute, steps)  # the run's own streams, CUDA's too, as they were
+
+
+def _calibrate(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Compute, steps: int
+               ) -> tuple[float, float, float]:
     model = copy.deepcopy(setup.model).train()
     optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
     optimizer.load_state_dict(setup.optimizer.state_dict())
-    rng = torch.get_rng_state()
     batches = setup.batches
     bs = batches.batch_size // compute.dist.world
     gen = torch.Generator(device=compute.device).manual_seed(12345)
@@ -128,11 +133,12 @@ def calibrate(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Comp
                    compute.amp_dtype)
     passes = []  # the fastest of three: one pass is a fraction of a second, and a hiccup doubled it (measured)
     for _ in range(3):
+        synchronize(compute.device)
         t = time.perf_counter()
         predict_logits(model, images, setup.normalize, cfg.eval_batch_size, compute.device, compute.amp_dtype)
+        synchronize(compute.device)  # (on a GPU the passes are only queued until here)
         passes.append(time.perf_counter() - t)
     eval_per_image = min(passes) / max(1, len(images))
-    torch.set_rng_state(rng)
     return sorted(times[2:])[len(times[2:]) // 2], eval_per_image, checkpoint_seconds(cfg, setup, model, optimizer)
 
 
