@@ -3,6 +3,7 @@ machine description, and appending results to RESULTS.md."""
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import sys
@@ -22,6 +23,8 @@ CONFIGS = {
     # the reference design, and a small one that trains in minutes on a CPU
     "reference": dict(image_size=32, channels=3, num_classes=10, patch_size=4, depth=12, heads=8, dim=256, mlp_dim=512),
     "small": dict(image_size=32, channels=3, num_classes=10, patch_size=4, depth=6, heads=4, dim=128, mlp_dim=256),
+    # the scripts' rehearsal on a CPU (benchmarks/gpu.sh --rehearse): every path, at no size
+    "tiny": dict(image_size=32, channels=3, num_classes=10, patch_size=8, depth=1, heads=2, dim=32, mlp_dim=64),
 }
 VITLAB_CONFIGS = {  # the above, and shapes only vitlab builds
     **CONFIGS,
@@ -127,14 +130,31 @@ def machine() -> str:
     return desc
 
 
+HISTORY_ENV = "BENCH_HISTORY"  # another file to append to (the GPU machine's results travel back in $OUT)
+
+
 def append_results(title: str, command: str, body: str) -> None:
-    """Append a run to HISTORY.md and bring RESULTS.md's current part up to date."""
+    """Append a run to HISTORY.md and bring RESULTS.md's current part up to date (or, with
+    $BENCH_HISTORY set, append to that file only: ``merge`` brings it in later)."""
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = (f"\n## {title}\n\n- command: `{command}`\n- machine: {machine()}\n"
             f"- torch {torch.__version__}, python {platform.python_version()}, date {stamp}\n\n{body}\n")
-    with open(HISTORY, "a") as f:
+    elsewhere = os.environ.get(HISTORY_ENV)
+    with open(elsewhere or HISTORY, "a") as f:
         f.write(text)
+    if not elsewhere:
+        write_current()
+
+
+def merge(path: Path) -> int:
+    """Append the runs another machine recorded in ``path`` (a $BENCH_HISTORY file) to
+    HISTORY.md and rebuild RESULTS.md; the number of runs merged."""
+    runs = history_entries(Path(path).read_text())
+    with open(HISTORY, "a") as f:
+        for run in runs:
+            f.write("\n" + run["text"])
     write_current()
+    return len(runs)
 
 
 def history_entries(text: str) -> list[dict]:
@@ -170,3 +190,9 @@ def write_current() -> None:
 
 def command_line() -> str:
     return "python " + " ".join([Path(sys.argv[0]).as_posix().split("/work/main/")[-1], *sys.argv[1:]])
+
+
+if __name__ == "__main__":  # python benchmarks/common.py merge FILE
+    if len(sys.argv) != 3 or sys.argv[1] != "merge":
+        sys.exit("usage: python benchmarks/common.py merge HISTORY-FILE   (runs recorded with $BENCH_HISTORY)")
+    print(f"merged {merge(Path(sys.argv[2]))} run(s) into {HISTORY.name} and {RESULTS.name}")

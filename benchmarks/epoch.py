@@ -30,10 +30,11 @@ from vitlab.data import load_dataset  # noqa: E402
 from vitlab.train import train  # noqa: E402
 
 
-def conventional_epoch(data, device: torch.device, batch: int, workers: int) -> tuple[float, float]:
+def conventional_epoch(data, device: torch.device, batch: int, workers: int, config: str = "small"
+                       ) -> tuple[float, float]:
     from torchvision.transforms import v2
 
-    cfg = CONFIGS["small"]
+    cfg = CONFIGS[config]
     model = TutorialViT(**cfg).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     hwc = lambda s: s.images.permute(0, 2, 3, 1).numpy()  # noqa: E731
@@ -60,9 +61,10 @@ def conventional_epoch(data, device: torch.device, batch: int, workers: int) -> 
     return time.perf_counter() - t, correct / len(val_set)
 
 
-def vitlab_epoch(data_dir: str, device: str, batch: int) -> tuple[float, float]:
-    c = CONFIGS["small"]
-    cfg = TrainConfig(dataset="cifar10", data_dir=data_dir, download=False, val_size=5000, epochs=1, batch_size=batch,
+def vitlab_epoch(data_dir: str, device: str, batch: int, val_size: int = 5000, config: str = "small"
+                 ) -> tuple[float, float]:
+    c = CONFIGS[config]
+    cfg = TrainConfig(dataset="cifar10", data_dir=data_dir, download=False, val_size=val_size, epochs=1, batch_size=batch,
                       patch_size=c["patch_size"], depth=c["depth"], heads=c["heads"], dim=c["dim"], mlp_dim=c["mlp_dim"],
                       lr=1e-3, warmup_epochs=0, crop=True, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), hflip=0.5,
                       device=device)
@@ -77,20 +79,24 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--val-size", type=int, default=5000, help="validation images held out of the training files")
+    p.add_argument("--config", default="small", choices=list(CONFIGS), help="the model both sides train")
     p.add_argument("--vitlab-only", action="store_true", help="time vitlab's epoch alone (comparing its versions)")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     print(f"machine: {machine()}")
-    data = load_dataset("cifar10", args.data_dir, val_size=5000, download=False)
+    data = load_dataset("cifar10", args.data_dir, val_size=args.val_size, download=False)
     if args.vitlab_only:
-        vit_s, vit_acc = vitlab_epoch(args.data_dir, args.device, args.batch)
+        vit_s, vit_acc = vitlab_epoch(args.data_dir, args.device, args.batch, args.val_size, args.config)
         print(f"| vitlab defaults (`vitlab.train.train`, epochs=1) | {vit_s:.1f} s | {vit_acc:.3f} |")
         return
-    conv_s, conv_acc = conventional_epoch(data, torch.device(args.device), args.batch, args.workers)
+    conv_s, conv_acc = conventional_epoch(data, torch.device(args.device), args.batch, args.workers, args.config)
     print(f"conventional: {conv_s:.1f} s (val acc {conv_acc:.3f})", flush=True)
-    vit_s, vit_acc = vitlab_epoch(args.data_dir, args.device, args.batch)
+    vit_s, vit_acc = vitlab_epoch(args.data_dir, args.device, args.batch, args.val_size, args.config)
     print(f"vitlab: {vit_s:.1f} s (val acc {vit_acc:.3f})", flush=True)
-    body = (f"CIFAR-10, {len(data.train):,} train + {len(data.val):,} val images, small config (depth 6, dim 128, heads 4, MLP 256), "
+    c = CONFIGS[args.config]
+    body = (f"CIFAR-10, {len(data.train):,} train + {len(data.val):,} val images, {args.config} config (depth {c['depth']}, "
+            f"dim {c['dim']}, heads {c['heads']}, MLP {c['mlp_dim']}), "
             f"batch {args.batch}, RandomResizedCrop + flip\n\n"
             "| loop | epoch wall time (train + val) | val acc after 1 epoch | speed-up |\n|---|---|---|---|\n"
             f"| conventional: torchvision v2 + DataLoader({args.workers} workers) + nn.MultiheadAttention ViT + AdamW, fp32 "

@@ -6,13 +6,17 @@
 # Call 1, carry [".gpudata-a"]:   bash benchmarks/gpu_accuracy.sh stage
 # Call 2 right after (the machine is given back after ~30 s idle), carry [".gpudata-b"]:
 #   bash benchmarks/gpu_accuracy.sh train fast-cifar10-gpu [extra vitlab flags]
-# Results come back under $OUT: the run folder (metrics.csv, results.md, plots, no
-# weights) and RESULTS-gpu.md, a block to append to benchmarks/RESULTS.md.
+# The run trains to a time budget ($BUDGET, default 7m: the whole command, evaluation and
+# report included), so that it ends inside one 10-minute call with its results written.
+# Results come back under $OUT, 7 files (the device tool sends back at most 8): gpu.txt,
+# train.log, HISTORY-gpu.md (here: python benchmarks/common.py merge <files_at>/HISTORY-gpu.md)
+# and the run's results.md, results.json, metrics.csv and loss_curve.png.
 set -euo pipefail
 OUT=${OUT:-/tmp/vitlab-gpu-out}
 DATA=${DATA:-/root/data}
 mkdir -p "$OUT" "$DATA/parts"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+HERE=$(cd "$(dirname "$0")" && pwd)  # the parts are read from the working folder (the repository root on the GPU machine)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$HERE/../src${PYTHONPATH:+:$PYTHONPATH}"
 case "${1:-}" in
   stage)
     cp -r .gpudata-a "$DATA/parts/"
@@ -22,20 +26,24 @@ case "${1:-}" in
     preset=${2:?usage: gpu_accuracy.sh train PRESET [flags]}; shift 2
     [ -d "$DATA/parts/.gpudata-a" ] || { echo "part A is not on this machine: run 'stage' first, in the same warm session"; exit 2; }
     cp -r .gpudata-b "$DATA/parts/"
-    python3 benchmarks/cifar_halves.py unpack "$DATA/parts/.gpudata-a" "$DATA/parts/.gpudata-b" --out "$DATA"
+    python3 "$HERE/cifar_halves.py" unpack "$DATA/parts/.gpudata-a" "$DATA/parts/.gpudata-b" --out "$DATA"
     { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no GPU (nvidia-smi missing)"; } | tee "$OUT/gpu.txt"
     start=$(date +%s)
+    budget=${BUDGET:-7m}
     python3 -m vitlab.cli train --preset "$preset" --data-dir "$DATA" --no-download --out "$DATA/runs" \
-      --name "$preset" --overwrite --quiet "$@" 2>&1 | tee "$OUT/train.log"
+      --name "$preset" --overwrite --quiet --time-budget "$budget" "$@" 2>&1 | tee "$OUT/train.log"
     wall=$(( $(date +%s) - start ))
-    cp -r "$DATA/runs/$preset" "$OUT/" && find "$OUT/$preset" \( -name '*.safetensors' -o -name '*.pt' \) -delete
-    {
-      echo "## GPU: vitlab train --preset $preset $* ($(date -u +%F), $(cat "$OUT/gpu.txt"))"
-      echo
-      echo "command: \`bash benchmarks/gpu_accuracy.sh train $preset $*\` after \`stage\`; wall time ${wall} s including evaluation"
-      echo
-      cat "$DATA/runs/$preset/results.md"
-    } > "$OUT/RESULTS-gpu.md"
+    for f in results.md results.json metrics.csv loss_curve.png; do cp "$DATA/runs/$preset/$f" "$OUT/"; done
+    BENCH_HISTORY="$OUT/HISTORY-gpu.md" python3 - "$HERE" "$DATA/runs/$preset/results.md" \
+        "BUDGET=$budget bash benchmarks/gpu_accuracy.sh train $preset $*" "$wall" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1])
+from common import append_results
+results, command, wall = open(sys.argv[2]).read(), sys.argv[3], sys.argv[4]
+append_results(f"GPU accuracy: {command.split(' train ', 1)[1]}", command,
+               f"after the `stage` call; wall time of the whole command: {wall} s, evaluation and report included"
+               f"\n\n{results}")
+PY
     ;;
   *)
     echo "usage: gpu_accuracy.sh stage | train PRESET [flags]"; exit 2 ;;

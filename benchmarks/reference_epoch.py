@@ -23,6 +23,19 @@ from vitlab.data import DatasetSplits, ImageSet, load_dataset  # noqa: E402
 from vitlab.train import train  # noqa: E402
 
 
+TRAIN_FILES = {"cifar10": 50_000, "cifar100": 50_000}  # images in the official training files
+
+
+def full_train_images(dataset: str, val_size: int | float, val_is_test: bool) -> int:
+    """The training split of the full dataset, whatever subset is on disk: the official files'
+    50,000 less the validation images held out of them (none where val is the test set). A
+    subset's own count would project a 9,000-image epoch as if it were the real one."""
+    total = TRAIN_FILES[dataset]
+    if val_is_test or not val_size:
+        return total
+    return total - (int(val_size) if val_size >= 1 else round(total * val_size))
+
+
 def tiled(s: ImageSet, n: int) -> ImageSet:
     reps = -(-n // len(s))
     return ImageSet(s.images.repeat(reps, 1, 1, 1)[:n], s.labels.repeat(reps)[:n])
@@ -35,14 +48,15 @@ def main() -> None:
     p.add_argument("--train-images", type=int, help="default: the full training split")
     p.add_argument("--epochs", type=int, default=2, help="the first epoch includes warm-up; the last is reported")
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     preset = load_preset(args.preset)
     d = load_dataset(preset.dataset, args.data_dir, val_size=preset.val_size, download=False)
-    full = len(d.train)
-    n = args.train_images or full
+    full = full_train_images(preset.dataset, preset.val_size, d.val_is_test)
+    n = args.train_images or full  # tiled from the images at hand up to the full count
     data = DatasetSplits(preset.dataset, d.classes, tiled(d.train, n), d.val, d.test, d.val_is_test, d.mean, d.std)
-    cfg = preset.replace(epochs=args.epochs, device=args.device)
+    cfg = preset.replace(epochs=args.epochs, device=args.device, precision=args.precision)
     times = []
     with tempfile.TemporaryDirectory() as out:  # the run's checkpoints (~75 MB) go with it
         result = train(cfg.replace(out=out), data=data, progress=False,

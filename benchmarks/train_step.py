@@ -24,8 +24,9 @@ from common import CONFIGS, append_results, build_peer, command_line, machine, m
 
 from vitlab import autotune  # noqa: E402
 from vitlab.model import Kernels, ViT, ViTConfig  # noqa: E402
-from vitlab.devices import autocast, keep_freed_memory, matmul_peak  # noqa: E402
+from vitlab.devices import PRECISIONS, autocast, keep_freed_memory, matmul_peak, precision_name  # noqa: E402
 from vitlab.train import apply_gradients, build_optimizer, loss_and_logits  # noqa: E402
+from vitlab.train.setup import gradient_scaler  # noqa: E402
 
 IMPLS = ["vitlab", "timm", "vit-pytorch", "tutorial"]
 
@@ -34,13 +35,14 @@ def make_step(name: str, cfg: dict, device: torch.device, amp: torch.dtype | Non
     """A zero-argument callable running one training step on a fixed random batch."""
     torch.manual_seed(0)
     if name == "vitlab":  # exactly the calls vitlab.train makes: its kernels timed (autotune) at this precision
-        choice = autotune.choose(ViTConfig(**cfg), device, batch=BATCH, training=True,
-                                 precision="bf16" if amp is not None else "fp32")
+        choice = autotune.choose(ViTConfig(**cfg), device, batch=BATCH, training=True, precision=precision_name(amp))
         model = ViT(ViTConfig(**cfg), choice.kernels()).to(device)
-        opt = build_optimizer(model, 1e-3, 0.05)
+        scaler = gradient_scaler(device, amp)  # fp16: as vitlab.train trains it
+        opt = build_optimizer(model, 1e-3, 0.05, scaler)
     else:
         model = build_peer(name, cfg).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)  # the usual AMP loop
     model.train()
     fwd = torch.compile(model) if compile_ else model
     x = torch.randn(BATCH, cfg["channels"], cfg["image_size"], cfg["image_size"], device=device)
@@ -50,15 +52,17 @@ def make_step(name: str, cfg: dict, device: torch.device, amp: torch.dtype | Non
         def step():
             loss, _ = loss_and_logits(fwd, x, y, device, amp, 0.1)
             opt.zero_grad(set_to_none=True)
-            apply_gradients(model, opt, loss, 1.0)
+            apply_gradients(model, opt, loss, 1.0, scaler)
     else:
         def step():
             with autocast(device, amp):
                 loss = F.cross_entropy(fwd(x).float(), y, label_smoothing=0.1)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
     n_params = sum(p.numel() for p in model.parameters())
     return step, n_params
 
@@ -75,7 +79,7 @@ def train_flops(cfg: dict, device: torch.device) -> float:
 def run_group(cfg_name: str, prec: str, compile_: bool, impls: list[str], device: torch.device,
               warmup: int, rounds: int) -> dict[str, tuple[float, int]]:
     cfg = CONFIGS[cfg_name]
-    amp = torch.bfloat16 if prec == "bf16" else None
+    amp = PRECISIONS[prec]
     steps = {}
     for name in impls:
         try:
@@ -96,7 +100,7 @@ def main() -> None:
     global BATCH
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=["small", "reference"], choices=list(CONFIGS))
-    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(PRECISIONS))
     p.add_argument("--compile", choices=["off", "on", "both"], default="off")
     p.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
     p.add_argument("--batch", type=int, default=128)
@@ -111,7 +115,7 @@ def main() -> None:
     allocator = "glibc keeps freed blocks for all implementations" if keep_freed_memory(device) else "default allocator"
     print(f"machine: {machine()}; {allocator}")
 
-    peaks = {prec: matmul_peak(device, torch.bfloat16 if prec == "bf16" else None) for prec in args.precisions}
+    peaks = {prec: matmul_peak(device, PRECISIONS[prec]) for prec in args.precisions}
     print("matmul peak: " + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()))
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
     lines = ["| config | precision | compile | impl | params | img/s | vs timm | MFU |", "|---|---|---|---|---|---|---|---|"]

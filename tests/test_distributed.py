@@ -23,7 +23,7 @@ METRIC_TOL = 2e-4
 WEIGHT_TOL = 2e-3
 
 ARGS = ["--epochs", "2", "--depth", "2", "--dim", "32", "--heads", "2", "--mlp-dim", "32", "--batch-size", "64",
-        "--precision", "fp32", "--quiet", "--log-every", "5", "--checkpoint-every", "5"]
+        "--precision", "fp32", "--quiet", "--log-every", "5", "--checkpoint-every", "5", "--device", "cpu"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "VITLAB_DIST_TIMEOUT": "120"}
 
 

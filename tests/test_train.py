@@ -81,7 +81,7 @@ def test_learning_rate_schedule():
 def _tiny(tmp_path: Path, name: str) -> TrainConfig:
     # Dropout, crop and flip make the run depend on every RNG the resume must restore.
     return TrainConfig(out=str(tmp_path), name=name, epochs=3, depth=2, dim=32, heads=2, mlp_dim=64, batch_size=128, patch_size=2,
-                       dropout=0.1, hflip=0.5, log_every=3, checkpoint_every=4)
+                       dropout=0.1, hflip=0.5, log_every=3, checkpoint_every=4, device="cpu")  # bit-exact: the CPU
 
 
 @pytest.mark.parametrize("stop_after", [5, 10])  # mid-epoch, and exactly at the end of epoch 1

@@ -1,7 +1,7 @@
 """Kernel choices by measurement: what ``auto`` means for attention, precision and layout.
 
-Which attention kernel (SDPA or explicit matmuls), which precision (bf16 or fp32, where the
-device computes both natively) and which feature-map layout (NHWC or NCHW, for the conv-pool
+Which attention kernel (SDPA or explicit matmuls), which precision (bf16 or fp16 against fp32,
+where the device computes the lower precision natively: devices.auto_precisions) and which feature-map layout (NHWC or NCHW, for the conv-pool
 tokenizer) is fastest depends on the CPU or GPU, the thread count, the torch version and the
 shapes; a rule written on one machine is wrong on the next (issue 18: SDPA under bf16 ran 2.5x
 slower than explicit matmuls on one CPU). So each correct candidate is timed for the real
@@ -28,7 +28,7 @@ import torch
 
 from .fileio import atomic_write_text, read_bounded, read_json
 from .model import Kernels, PatchEmbed, ViT, ViTConfig, flops_per_image
-from .devices import autocast, fastest_attention, native_bf16, resolve_precision, synchronize
+from .devices import PRECISIONS, auto_precisions, autocast, fastest_attention, resolve_precision, synchronize
 
 CACHE_FILE = "kernels.json"
 CACHE_LIMIT = 1 << 20  # bytes read from the cache file at most
@@ -43,14 +43,14 @@ class Choice:
     """How the model will compute here, and how that was decided."""
 
     attention: str  # "sdpa" or "explicit"
-    precision: str  # "bf16" or "fp32"
+    precision: str  # "bf16", "fp16" or "fp32"
     channels_last: bool
     source: str = "fixed"  # "measured", "cached" or "fixed" (one candidate: flags or the device decided)
     ms: dict[str, float] = field(default_factory=dict)  # each timed candidate's step, in milliseconds
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.precision == "bf16" else None
+        return PRECISIONS[self.precision]
 
     def kernels(self, cls_only_last_block: bool = True) -> Kernels:
         return Kernels(self.attention, cls_only_last_block, self.channels_last)
@@ -97,17 +97,13 @@ def _timings(ms: object) -> dict[str, float]:
 def candidates(model_cfg: ViTConfig, device: torch.device, attention: str = "auto", precision: str = "auto",
                channels_last: bool | None = None) -> list[Choice]:
     """Every correct combination for what the user left to ``auto``; the rule-of-thumb one first."""
-    amp = resolve_precision(precision, device)  # raises for what the device cannot do
-    if precision == "auto" and native_bf16(device):
-        precisions = ["bf16", "fp32"]
-    else:
-        precisions = ["bf16" if amp is not None else "fp32"]
+    resolve_precision(precision, device)  # raises for what the device cannot do
+    precisions = auto_precisions(device) if precision == "auto" else [precision]
     layouts = [True, False] if channels_last is None and PatchEmbed.registry[model_cfg.patch_embed].layouts else \
         [True if channels_last is None else bool(channels_last)]
     out = []
     for p in precisions:
-        dtype = torch.bfloat16 if p == "bf16" else None
-        rule = fastest_attention(device, dtype)
+        rule = fastest_attention(device, PRECISIONS[p])
         attentions = [rule] + [a for a in ATTENTIONS if a != rule] if attention == "auto" else [attention]
         out += [Choice(a, p, cl) for a in attentions for cl in layouts]
     return out
@@ -247,24 +243,41 @@ def measure(model_cfg: ViTConfig, device: torch.device, options: list[Choice], b
 
         best = _best_times(step, options, deadline, rounds)
     fastest = min(range(len(options)), key=best.__getitem__)
-    ms = {label(c): 1e3 * t * batch / n for c, t in zip(options, best)}  # per step of the real batch, estimated
+    ms = {label(c): 1e3 * t * batch / n for c, t in zip(options, best)
+          if math.isfinite(t)}  # per step of the real batch, estimated (an option that failed: absent)
     return replace(options[fastest], source="measured", ms=ms)
 
 
 def _best_times(step, options: list[Choice], deadline: float, rounds: int) -> list[float]:
     """Each option's fastest ``step(option)``: one warm-up round (first calls allocate, pick oneDNN
-    primitives, cast weights), then interleaved rounds while another fits before ``deadline``."""
+    primitives, cast weights), then interleaved rounds while another fits before ``deadline``.
+    An option that fails (out of memory at this batch, a kernel this device lacks) is out, its
+    time infinite: another serves the run. When every one fails, the first failure is raised."""
     best = [float("inf")] * len(options)
+    failed: dict[int, BaseException] = {}
+
+    def attempt(i: int) -> float:
+        try:
+            return step(options[i])
+        except (RuntimeError, NotImplementedError) as e:  # torch.OutOfMemoryError is a RuntimeError
+            failed[i] = e
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # what the failed attempt held, back for the next
+            return float("inf")
+
     t = time.perf_counter()
-    for c in options:
-        step(c)
+    for i in range(len(options)):
+        attempt(i)
+    if len(failed) == len(options):
+        raise failed[0]
     round_seconds = time.perf_counter() - t
     for r in range(rounds):  # at least one; another only if it fits before the deadline
         t = time.perf_counter()
         if r and t + round_seconds > deadline:
             break
-        for i, c in enumerate(options):
-            best[i] = min(best[i], step(c))
+        for i in range(len(options)):
+            if i not in failed:
+                best[i] = min(best[i], attempt(i))
         round_seconds = time.perf_counter() - t
     return best
 

@@ -162,11 +162,12 @@ class Plan:
 
 def plan(budget: float, step_seconds: float, eval_seconds_per_image: float, steps_per_epoch: int, val_images: int,
          final_images: int, val_passes: int, final_passes: int, max_steps: int, since: float,
-         checkpoint_seconds: float = 0.0) -> Plan:
+         checkpoint_seconds: float = 0.0, compile_seconds: float = 0.0) -> Plan:
     """How many steps fit in budget x SAFETY after start-up and the final report: whole epochs,
     then the steps of a partial one that its own validation and checkpoints leave room for.
-    ``since``: the time.perf_counter() the budget counts from."""
-    started = time.perf_counter() - since
+    ``since``: the time.perf_counter() the budget counts from; ``compile_seconds``: start-up
+    still to come (torch.compile of the run's model, measured on the calibration's copy)."""
+    started = time.perf_counter() - since + compile_seconds
     # each epoch also writes last/ and, when val improves, best/: counted as two checkpoints
     epoch_end = val_passes * val_images * eval_seconds_per_image + 2 * checkpoint_seconds
     epoch = steps_per_epoch * step_seconds + epoch_end

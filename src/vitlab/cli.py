@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from .config import DEFAULT_PRESET, TrainConfig, check_resume_changes, load_preset, preset_names, read_preset
-from .errors import TrainingInterrupted, VitlabError
+from .errors import TrainingInterrupted, VitlabError, out_of_memory
 from .fileio import printable
 from .options import flag
 
@@ -78,6 +78,13 @@ def friendly_errors(fn):
             _fail(f"{e.strerror or e}{where}{hint}")
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except RuntimeError as e:
+            if not out_of_memory(e):
+                raise
+            if debug:
+                traceback.print_exc()
+            _fail(f"out of memory on the device ({str(e).splitlines()[0][:200]}): lower --batch-size or "
+                  f"--eval-batch-size (a run continues from its last checkpoint with --resume)")
 
     return click.option("--debug", is_flag=True, help="show full tracebacks for errors")(wrapper)
 

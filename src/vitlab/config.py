@@ -28,7 +28,8 @@ DEFAULT_PRESET = "digits"  # what `vitlab train` with no options runs
 MAX_CONFIG_BYTES = 1 << 20
 # Fields that say where and how fast a run computes, not what it computes: --resume may
 # change them, and they may differ between a run's config and its checkpoint's copy.
-RUNTIME_FIELDS = ("device", "threads", "log_every", "eval_batch_size", "data_dir", "download", "tensorboard")
+RUNTIME_FIELDS = ("device", "threads", "log_every", "eval_batch_size", "data_dir", "download", "tensorboard",
+                  "deterministic")
 RESUME_MAY_CHANGE = tuple(f for f in RUNTIME_FIELDS if f != "download")  # a resumed run never downloads
 # Fields that say where a run writes and how often it saves: they name no difference between two runs.
 OUTPUT_FIELDS = ("out", "name", "checkpoint_every")
@@ -80,9 +81,10 @@ class TrainConfig(ArchConfig):
     tta_flip: bool = option(False, "final evaluation (results table, predictions, vitlab evaluate) averages the logits of each image and its mirror image; per-epoch validation stays single-view")
     # --- runtime
     device: str = option("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    precision: str = option("auto", "'auto' (where the device computes bf16 natively, the faster of bf16 and fp32, timed at the start; elsewhere fp32), 'bf16' or 'fp32'", choices=("auto", "bf16", "fp32"))
+    precision: str = option("auto", "'auto' (the faster of fp32 and the device's native lower precision, timed at the start: bf16 on CPUs with AVX512-bf16/AMX and NVIDIA Ampere or later, fp16 on NVIDIA Volta/Turing; elsewhere fp32), 'bf16', 'fp16' (trained with a gradient scaler) or 'fp32'", choices=("auto", "bf16", "fp16", "fp32"))
     attention: str = option("auto", "attention kernel: 'sdpa', 'explicit', or 'auto' (the faster for this model on this machine, timed at the start and cached)", choices=ATTENTION_KERNELS)
     compile: bool = option(False, "compile the model with torch.compile")
+    deterministic: bool = option(False, "deterministic kernels only (torch.use_deterministic_algorithms): on a GPU, two runs of one config and a resumed run then compute the same numbers, at some cost in speed; the CPU is deterministic already")
     cls_only_last_block: bool = option(True, "the last block computes the class token's output only, the one the head reads: the same logits for less work (pool cls)")
     eval_batch_size: int = option(DEFAULT_EVAL_BATCH, "batch size for evaluation (on the 2-core CPU, 256 ran 25-40% faster than 1024)")
     threads: int = option(0, "CPU threads for torch (0: torch's default)")
@@ -139,7 +141,7 @@ class TrainConfig(ArchConfig):
         need(is_whole(self.translate) and 0 <= self.translate <= MAX_IMAGE_SIZE,
              f"--translate must be a whole number of pixels from 0 to {MAX_IMAGE_SIZE}, got {self.translate!r}")
         need(self.attention in ATTENTION_KERNELS, f"--attention must be auto, sdpa or explicit, got {self.attention!r}")
-        need(self.precision in ("auto", "bf16", "fp32"), f"--precision must be auto, bf16 or fp32, got {self.precision!r}")
+        need(self.precision in ("auto", "bf16", "fp16", "fp32"), f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         check_device_name(self.device)
         need(self.on_nonfinite in ("stop", "skip"), f"--on-nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         need(is_whole(self.threads) and 0 <= self.threads <= 4096, f"--threads must be from 0 to 4096, got {self.threads}")

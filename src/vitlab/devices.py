@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import os
 import re
 import sys
 import time
@@ -42,10 +43,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def capability(device: torch.device) -> tuple[int, int]:
+    """A CUDA device's compute capability, (0, 0) for any other device."""
+    if device.type != "cuda":
+        return (0, 0)
+    return tuple(torch.cuda.get_device_capability(device))[:2]
+
+
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix products run natively (and so faster than fp32)."""
+    """Whether bf16 matrix products run natively (and so faster than fp32). Not
+    ``torch.cuda.is_bf16_supported()``: it counts emulation and answers True on a T4 or V100
+    (compute capability 7.x), where bf16 is slower than fp32; native from Ampere (8.0) on."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return capability(device) >= (8, 0)
     if device.type == "cpu":
         cpu = torch.cpu
         return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
@@ -53,15 +63,50 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def fast_fp16(device: torch.device) -> bool:
+    """Whether fp16 matrix products run on tensor cores (NVIDIA Volta, 7.0, and later)."""
+    return device.type == "cuda" and capability(device) >= (7, 0)
+
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # name -> autocast dtype
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
+
+
+def auto_precisions(device: torch.device) -> list[str]:
+    """What ``--precision auto`` chooses among (timed where there are two), the likelier first:
+    bf16 where it is native (CPUs with AVX512-bf16 or AMX, NVIDIA Ampere and later), fp16
+    where only it has tensor cores (Volta and Turing: V100, T4; with a gradient scaler when
+    training), else fp32 (and always on Apple's MPS)."""
+    if native_bf16(device):
+        return ["bf16", "fp32"]
+    if fast_fp16(device):
+        return ["fp16", "fp32"]
+    return ["fp32"]
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        if device.type == "mps":
-            raise ConfigError("--precision bf16 is not supported on MPS; use fp32")
-        return torch.bfloat16
-    return torch.bfloat16 if native_bf16(device) else None
+    """The autocast dtype, or None for plain fp32 (``auto``: the likelier of its candidates)."""
+    if precision == "auto":
+        return PRECISIONS[auto_precisions(device)[0]]
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    if precision != "fp32" and device.type == "mps":
+        raise ConfigError(f"--precision {precision} is not supported on MPS; use fp32")
+    return PRECISIONS[precision]
+
+
+def allow_tf32(device: torch.device) -> bool:
+    """Let fp32 matrix products use TF32 tensor cores on NVIDIA Ampere and later (PyTorch's
+    default there is full fp32, several times slower; convolutions use TF32 already): the
+    rounding of bf16 autocast's accumulators, and runs stay deterministic. Process-wide,
+    set only where such a GPU computes. Returns whether it applies."""
+    if capability(device) < (8, 0):
+        return False
+    torch.set_float32_matmul_precision("high")
+    return True
 
 
 def fastest_attention(device: torch.device, amp_dtype: torch.dtype | None) -> str:
@@ -77,6 +122,26 @@ def fastest_attention(device: torch.device, amp_dtype: torch.dtype | None) -> st
 def resolve_attention(attention: str, device: torch.device, amp_dtype: torch.dtype | None) -> str:
     """``attention`` ('auto', 'sdpa' or 'explicit') as the kernel that will run."""
     return fastest_attention(device, amp_dtype) if attention == "auto" else attention
+
+
+@contextlib.contextmanager
+def deterministic_kernels(on: bool):
+    """While inside, only deterministic kernels run (an op that has none raises), as PyTorch's
+    reproducibility notes say: cuBLAS with a fixed workspace, cuDNN without benchmarking.
+    What was set before is put back after."""
+    if not on:
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before any CUDA work
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[2], before[3]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -98,6 +163,35 @@ def accumulation_dtype(device: torch.device) -> torch.dtype:
     """The dtype sums of many losses and counts are kept in on ``device``: float64, except on
     Apple's MPS, which has none (float32 there: a 50,000-image epoch's counts stay exact)."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes the device can still hold (None on the CPU: a dataset there is in memory already)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "mps" and hasattr(torch.mps, "recommended_max_memory"):
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    return None
+
+
+RESIDENT_SHARE = 0.7  # of the free memory, at most, for data that stays on the device (the rest: model, activations)
+
+
+def check_fits(nbytes: int, device: torch.device, what: str, advice: str) -> None:
+    """A ConfigError before ``nbytes`` are moved to ``device`` where they would not leave room
+    to train, instead of the allocator's out-of-memory traceback half-way through the move."""
+    free = free_memory(device)
+    if free is not None and nbytes > RESIDENT_SHARE * free:
+        raise ConfigError(f"{what} ({byte_size(nbytes)}) does not fit on {device}: {byte_size(free)} are free and "
+                          f"training needs room beside it; {advice}")
+
+
+def byte_size(n: float) -> str:
+    """1.5 GiB, 12.0 MiB, 98 KiB."""
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n / 1024:.0f} KiB"
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype | None, n: int | None = None, reps: int = 20) -> float:

@@ -163,23 +163,36 @@ def lost_peer(error: BaseException) -> bool:
                                                  or "timed out" in text.lower())
 
 
-def die_with_launcher() -> None:
+def die_with_launcher(poll_seconds: float = 1.0) -> None:
     """torchrun starts each rank in a session of its own, so a launcher killed with SIGKILL
     (or its process group) would leave the ranks training on, holding the run folder. On
-    Linux the kernel is told to kill this rank when its parent dies (PR_SET_PDEATHSIG); a
-    launcher that is only asked to stop forwards the signal and waits for the ranks first."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-    import signal
-
+    Linux the kernel is told to kill this rank when its parent dies (PR_SET_PDEATHSIG);
+    elsewhere (macOS, which has no such call) a daemon thread watches for the parent to
+    change (an orphan is handed to launchd or init) and ends the rank within ``poll_seconds``.
+    A launcher that is only asked to stop forwards the signal and waits for the ranks first."""
     parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the launcher died before the line above
+            os._exit(1)
         return
-    if os.getppid() != parent:  # the launcher died before the line above
+    if sys.platform.startswith("win"):
+        return  # Windows keeps a dead parent's pid: README says what holds there
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
         os._exit(1)
+
+    threading.Thread(target=watch, name="vitlab-launcher-watch", daemon=True).start()
 
 
 def start(d: Dist, device_name: str) -> torch.device:

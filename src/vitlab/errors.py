@@ -28,3 +28,8 @@ class TrainingInterrupted(VitlabError):
 
 class NonFiniteLoss(VitlabError):
     """The loss became NaN or Inf."""
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA's allocator), or the RuntimeError MPS raises for the same."""
+    return type(e).__name__ == "OutOfMemoryError" or "out of memory" in str(e).split("\n", 1)[0].lower()

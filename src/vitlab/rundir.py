@@ -4,9 +4,10 @@ A run folder is vitlab's own when its ``config.yaml`` is a vitlab run config and
 in it is something the trainer writes (:data:`ENTRIES`, checkpoint folders holding only
 checkpoint files, ``tb/`` holding only event files, and vitlab's temporaries);
 ``--overwrite`` replaces nothing else, and nothing outside the run folder is ever deleted.
-While a process trains in a run folder it holds an OS lock on ``<run>/.lock``
-(``fcntl.flock``: released by the kernel on any exit, SIGKILL included); a second process
-that would resume or overwrite that run is refused, naming the first. The lock file is
+While a process trains in a run folder it holds an OS lock on ``<run>/.lock`` (``fcntl.flock``
+on Linux and macOS, ``msvcrt.locking`` of one byte past the text on Windows: released by the
+system on any exit, a kill included); a second process that would resume or overwrite that
+run is refused, naming the first. The lock file is
 opened without following links and refused when it is a link of any kind: a run folder
 copied or unpacked from elsewhere may carry one, and truncating it would write outside.
 """
@@ -27,8 +28,12 @@ from .fileio import NotRegularFile, fsync_dir, open_own, owner_tag, printable, r
 
 try:
     import fcntl
-except ImportError:  # Windows: no advisory locks; one process per run folder is then the user's to keep
+except ImportError:  # Windows
     fcntl = None
+try:
+    import msvcrt
+except ImportError:  # everywhere else
+    msvcrt = None
 
 # What the trainer writes in a run folder, and nothing else.
 LOCK = ".lock"
@@ -41,6 +46,31 @@ CHECKPOINTS = ("last", "best", "last.prev", "best.prev")
 EXPORTS = tuple(f"{c}{suffix}" for c in ("best", "last") for suffix in (".onnx", "-timm", "-hf"))
 ENTRIES = frozenset({CONFIG, LOCK, METRICS, RESULTS_MD, RESULTS_JSON, TENSORBOARD, *FIGURES, *CHECKPOINTS, *EXPORTS})
 CHECKPOINT_FILES = frozenset({CONFIG, MANIFEST, WEIGHTS, STATE})
+WINDOWS_LOCK_OFFSET = 1 << 20  # the byte msvcrt locks: past the holder's text, which others must read
+
+
+def try_lock(fd: int) -> bool:
+    """Lock the open file ``fd`` for this process, without waiting: whether it was free. The
+    platform's own lock, held until the descriptor closes or the process ends however it ends."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
+    if msvcrt is not None:
+        os.lseek(fd, WINDOWS_LOCK_OFFSET, os.SEEK_SET)  # Windows locks byte ranges; one past the end is allowed
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        finally:
+            os.lseek(fd, 0, os.SEEK_SET)
+        return True
+    raise ConfigError("this platform has no file lock vitlab knows (fcntl or msvcrt); two processes could share "
+                      "a run folder")
+
+
 # Fields every config.yaml vitlab has written holds (the others were added over time): an
 # empty or foreign YAML file parses as the defaults, and is not a run's config.
 CORE_FIELDS = ("dataset", "depth", "dim", "heads", "epochs", "batch_size", "lr", "seed")
@@ -63,14 +93,16 @@ class RunLock:
             fd = open_own(path, os.O_RDWR | os.O_CREAT)
         except NotRegularFile as e:
             raise ConfigError(f"{e}; if this run folder is yours, delete {printable(path)} and try again") from None
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
-                os.close(fd)
-                raise RunInUse(f"{printable(self.run_dir)} is in use by {holder}; wait for it to finish, "
-                               f"or stop it (its checkpoints resume with --resume)") from None
+        try:
+            free = try_lock(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if not free:
+            holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise RunInUse(f"{printable(self.run_dir)} is in use by {holder}; wait for it to finish, "
+                           f"or stop it (its checkpoints resume with --resume)")
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode())
         self.fd = fd
@@ -78,7 +110,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the flock
+            os.close(self.fd)  # closing the descriptor releases the lock
             self.fd = None
 
 

@@ -16,7 +16,7 @@ from vitlab.errors import TrainingInterrupted
 from vitlab.train import train
 
 # every element that draws random numbers, on the embedded digits data (20 steps an epoch)
-RECIPE = dict(epochs=2, depth=1, dim=32, heads=2, mlp_dim=32, tensorboard=False, threads=1, precision="fp32",
+RECIPE = dict(epochs=2, depth=1, dim=32, heads=2, mlp_dim=32, tensorboard=False, threads=1, precision="fp32", device="cpu",
               dropout=0.1, attn_dropout=0.1, drop_path=0.2, hflip=0.5, translate=1, trivial_augment=0.5,
               random_erasing=0.25, mixup_alpha=0.2, cutmix_alpha=0.2, repeated_augment=2, ema_decay=0.9, log_every=3)
 

@@ -68,7 +68,7 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
         data = data if data is not None else load_data(folder.cfg, compute, log)
         check_same_data(folder, data, compute)
         compute.adopt(compute.by_main(lambda: choose_kernels(folder.cfg, data, compute, folder.checkpoint)))
-        setup = Setup.build(folder.cfg, data, compute.device, compute.kernels, compute.dist)
+        setup = Setup.build(folder.cfg, data, compute.device, compute.kernels, compute.dist, compute.amp_dtype)
         budget = TimeBudget.start(folder.cfg, setup, data, compute, origin, resumed=resume is not None)
         fix_length(folder, setup, budget, log)
         if folder.dir is None:  # created only now: a bad dataset or a budget too short leaves no folder behind

@@ -5,7 +5,8 @@ stages use. One :class:`Compute` for one process and for a rank of a torchrun jo
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +23,8 @@ from ..distributed import stop as stop_process_group
 from ..errors import ConfigError, VitlabError
 from ..inference import loss_and_accuracy, predict_logits
 from ..model import Kernels
-from ..devices import keep_freed_memory, resolve_attention, resolve_device, resolve_precision
+from ..devices import (allow_tf32, deterministic_kernels, keep_freed_memory, precision_name, resolve_attention,
+                       resolve_device, resolve_precision)
 from .setup import build_model_config
 
 
@@ -36,30 +38,35 @@ class Compute:
     kernels: Kernels
     dist: Dist
     choice: autotune.Choice | None = None  # how the kernels were chosen (autotune)
+    settings: ExitStack = field(default_factory=ExitStack)  # process-wide settings, undone by stop()
 
     @classmethod
     def start(cls, cfg: TrainConfig) -> "Compute":
         """Device, threads and process group from ``cfg``'s runtime fields; the rest of the
         run's config may not be known yet (a resumed run under torchrun: see RunFolder.initial_config)."""
-        d = from_env()
-        if d.world > 1:
-            torch.set_num_threads(threads_per_rank(cfg.threads, d))
-            device = start(d, cfg.device)
-        else:
-            if cfg.threads:
-                torch.set_num_threads(cfg.threads)
-            device = resolve_device(cfg.device)
-        amp_dtype = resolve_precision(cfg.precision, device)
-        keep_freed_memory(device)
-        # a resumed run's random streams come from its checkpoint, so the defaults' seed is harmless there
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
-        np.random.seed(cfg.seed)
-        kernels = Kernels(resolve_attention(cfg.attention, device, amp_dtype), cfg.cls_only_last_block)
-        return cls(device, amp_dtype, kernels, d)
+        with ExitStack() as settings:
+            settings.enter_context(deterministic_kernels(cfg.deterministic))  # before any CUDA work
+            d = from_env()
+            if d.world > 1:
+                torch.set_num_threads(threads_per_rank(cfg.threads, d))
+                device = start(d, cfg.device)
+            else:
+                if cfg.threads:
+                    torch.set_num_threads(cfg.threads)
+                device = resolve_device(cfg.device)
+            amp_dtype = resolve_precision(cfg.precision, device)
+            keep_freed_memory(device)
+            allow_tf32(device)
+            # a resumed run's random streams come from its checkpoint, so the defaults' seed is harmless there
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            kernels = Kernels(resolve_attention(cfg.attention, device, amp_dtype), cfg.cls_only_last_block)
+            return cls(device, amp_dtype, kernels, d, settings=settings.pop_all())  # kept until stop()
 
     def stop(self) -> None:
         stop_process_group()
+        self.settings.close()
 
     def check(self, cfg: TrainConfig) -> None:
         """What the run's own config asks of the process group, checked alike on every rank."""
@@ -74,15 +81,17 @@ class Compute:
 
     def by_main(self, fn: Callable[[], object]):
         """``fn()`` run by the writing process only; its result, or its error, on every rank
-        (there as the same vitlab error type, marked as said already by rank 0)."""
+        (there as the same vitlab error type, any other as a VitlabError, marked as said already
+        by rank 0, which raises the original)."""
         if self.dist.world == 1:
             return fn()
         result, error = None, None
         if self.dist.main:
             try:
                 result = fn()
-            except (VitlabError, OSError) as e:
-                error = (type(e).__name__, str(e) if isinstance(e, VitlabError) else f"{e.strerror or e}")
+            except Exception as e:  # any error: the other ranks must not wait for a collective timeout
+                error = (type(e).__name__, str(e) if isinstance(e, VitlabError) else
+                         f"{e.strerror or e}" if isinstance(e, OSError) else f"rank 0 failed: {type(e).__name__}: {e}")
                 self.dist.broadcast((None, error))
                 raise
         result, error = self.dist.broadcast((result, error))
@@ -123,7 +132,7 @@ class Compute:
 
     def describe(self) -> str:
         where = f" x {self.dist.world} processes" if self.dist.world > 1 else ""
-        how = self.choice.describe() if self.choice else f"{'bf16' if self.amp_dtype else 'fp32'} {self.kernels.attention}"
+        how = self.choice.describe() if self.choice else f"{precision_name(self.amp_dtype)} {self.kernels.attention}"
         return f"{self.device.type}{where} {how}"
 
 

@@ -65,6 +65,12 @@ def run_epochs(folder: RunFolder, setup: Setup, state: TrainState, data: Dataset
             raise interrupted(folder, compute, f"after epoch {state.epoch}, step {state.step}")
 
 
+def mfu_percent(images_per_second: float, flops_per_image: float, peak: float, processes: int) -> float:
+    """Model FLOPs utilisation of the job: its rate against the peak of all its processes
+    (``peak`` is one process's device, or its share of the CPU's cores, as it measured it)."""
+    return 100 * images_per_second * flops_per_image / (peak * processes)
+
+
 def epoch_with_progress(folder: RunFolder, setup: Setup, state: TrainState, compute: Compute, budget: TimeBudget,
                         should_stop: Callable[[], bool], progress: bool, log: Callable[[str], None],
                         peak: float | None) -> float:
@@ -83,7 +89,7 @@ def epoch_with_progress(folder: RunFolder, setup: Setup, state: TrainState, comp
         flush_step_losses(folder, compute, state, pending)
         if folder.board is not None:
             folder.board.scalar(metrics.THROUGHPUT, rate, state.step)
-        mfu = f" MFU {100 * rate * setup.flops_per_image / peak:.0f}%" if peak else ""
+        mfu = f" MFU {mfu_percent(rate, setup.flops_per_image, peak, compute.dist.world):.0f}%" if peak else ""
         left = (setup.total_steps - state.step) * setup.batches.batch_size / max(rate, 1e-9)  # at this speed
         bar.set_postfix_str(f"loss {loss_sum / max(seen, 1):.4f} acc {correct / max(seen, 1):.4f} "
                             f"{rate:,.0f} img/s{mfu} | run ETA {format_duration(left)}")

@@ -15,6 +15,7 @@ from .. import metrics, report, rundir
 from ..budget import format_duration
 from ..checkpoint import CONFIG, load_weights, read_meta
 from ..data import DatasetSplits
+from ..devices import precision_name
 from ..explain_figures import explain_images, plot_grid
 from ..fileio import printable
 from ..inference import Predictor, loss_and_accuracy
@@ -89,7 +90,7 @@ def write_report(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: 
         "throughput": f"{images_per_second:,.0f} training images/s",
         "validation": "the test set" if data.val_is_test else f"{len(data.val)} images held out of train (fixed seed)",
         "model": f"{model.num_params():,} parameters, {model.cfg.num_patches} patches of {model.cfg.patch_size}x{model.cfg.patch_size}",
-        "device": f"{compute.describe()} attention" + (" (bf16 autocast)" if compute.amp_dtype else "") + (
+        "device": f"{compute.describe()} attention" + (f" ({precision_name(compute.amp_dtype)} autocast)" if compute.amp_dtype else "") + (
             "; timed: " + ", ".join(f"{k} {v:.1f} ms" for k, v in choice.ms.items()) if choice and choice.ms else ""),
         "code": code,
         "config": CONFIG,

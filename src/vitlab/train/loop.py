@@ -28,12 +28,22 @@ def loss_and_logits(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, de
 
 
 def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                    grad_clip: float) -> None:
-    """Backward, optional gradient-norm clipping, optimizer step (gradients already zeroed)."""
-    loss.backward()
+                    grad_clip: float, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Backward, optional gradient-norm clipping, optimizer step (gradients already zeroed).
+    With a gradient scaler (fp16): the loss scaled, the gradients unscaled before clipping,
+    the step skipped when they are not finite, the scale updated, all on the device."""
+    if scaler is None:
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
     if grad_clip > 0:
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def train_epoch(setup: Setup, state: TrainState, compute: Compute, cfg: TrainConfig, *,
@@ -68,7 +78,7 @@ def train_epoch(setup: Setup, state: TrainState, compute: Compute, cfg: TrainCon
         step_on_device += 1
         state.bad_step = torch.where((state.bad_step < 0) & ~torch.isfinite(loss.detach()), step_on_device,
                                      state.bad_step)
-        apply_gradients(setup.model, setup.optimizer, loss, cfg.grad_clip)  # DDP averaged the gradients in backward
+        apply_gradients(setup.model, setup.optimizer, loss, cfg.grad_clip, setup.scaler)  # DDP averages in backward
         state.step += 1
         if setup.ema is not None:
             setup.ema.update(state.step)

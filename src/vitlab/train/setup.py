@@ -14,6 +14,7 @@ from ..augment import BatchAugment, Normalize
 from ..checkpoint import CheckpointMeta
 from ..config import TrainConfig
 from ..data import DatasetSplits
+from ..devices import check_fits
 from ..distributed import Dist
 from ..errors import ConfigError
 from ..model import Kernels, ViT, ViTConfig, check_patch_fits, default_patch_size, flops_per_image
@@ -49,9 +50,18 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: ViT, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the weight-decay groups."""
-    return torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=(0.9, 0.999))
+def build_optimizer(model: ViT, lr: float, weight_decay: float, scaler: "torch.amp.GradScaler | None" = None
+                    ) -> torch.optim.AdamW:
+    """AdamW over the weight-decay groups; with a gradient scaler (fp16), the fused kernel,
+    which skips a step of non-finite gradients on the device (the unfused one makes the
+    scaler read a flag on the host at every step)."""
+    return torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=(0.9, 0.999),
+                             fused=True if scaler is not None else None)
+
+
+def gradient_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> "torch.amp.GradScaler | None":
+    """fp16 gradients underflow without a loss scale (bf16 has fp32's range and needs none)."""
+    return torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
 
 
 class WeightEMA:
@@ -80,6 +90,7 @@ class Setup:
     step_model: torch.nn.Module  # the model as the training step calls it (compiled, DDP-wrapped, or itself)
     ema: WeightEMA | None
     optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
     normalize: Normalize
     batches: Batches
     meta: CheckpointMeta
@@ -91,9 +102,10 @@ class Setup:
 
     @classmethod
     def build(cls, cfg: TrainConfig, data: DatasetSplits, device: torch.device, kernels: Kernels,
-              dist: Dist) -> "Setup":
-        """Everything built on ``device``, computing with ``kernels``; with several processes
-        (``dist``), wrapped for DistributedDataParallel, each rank handed its rows of a batch."""
+              dist: Dist, amp_dtype: torch.dtype | None = None) -> "Setup":
+        """Everything built on ``device``, computing with ``kernels`` under ``amp_dtype``; with
+        several processes (``dist``), wrapped for DistributedDataParallel, each rank handed its
+        rows of a batch."""
         model_cfg = build_model_config(cfg, data)
         model = ViT(model_cfg, kernels).to(device)
         normalize = Normalize(data.mean, data.std, device)
@@ -107,15 +119,21 @@ class Setup:
             step_model = torch.compile(step_model)
         augment = BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip,
                                cfg.random_erasing, cfg.trivial_augment, cfg.translate)
-        batches = Batches(data.train.images.to(device), data.train.labels.to(device), augment, batch_size, cfg.seed,
+        images = data.train.images
+        check_fits(images.nbytes + data.train.labels.nbytes, device,
+                   f"the training set as uint8 ({len(images)} images of {'x'.join(map(str, images.shape[1:]))})",
+                   "lower --image-size, or train on the CPU (--device cpu)")
+        batches = Batches(images.to(device), data.train.labels.to(device), augment, batch_size, cfg.seed,
                           cfg.repeated_augment, cfg.mixup_alpha, cfg.cutmix_alpha, model_cfg.num_classes,
                           dist.rows(batch_size))
         steps = batches.steps_per_epoch
+        scaler = gradient_scaler(device, amp_dtype)
         return cls(
             model=model,
             step_model=step_model,
             ema=WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
-            optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay),
+            optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay, scaler),
+            scaler=scaler,
             normalize=normalize,
             batches=batches,
             meta=CheckpointMeta(model_cfg, data.classes, data.mean, data.std, cfg.dataset, data=data.fingerprint()),

@@ -79,7 +79,8 @@ class TrainState:
                 "device_type": device.type, "optimizer": setup.optimizer.state_dict(),
                 "aug_generator": setup.batches.generator.get_state(), "rng": rng_state(device),
                 "host_generator": json.dumps(setup.batches.host.bit_generator.state),
-                **({"ema": setup.ema.model.state_dict()} if setup.ema is not None else {})}
+                **({"ema": setup.ema.model.state_dict()} if setup.ema is not None else {}),
+                **({"scaler": setup.scaler.state_dict()} if setup.scaler is not None else {})}
 
     @classmethod
     def restore(cls, path: Path, d: dict, weights: dict, setup: Setup, device: torch.device, main: bool,
@@ -102,6 +103,8 @@ class TrainState:
                 setup.batches.host.bit_generator.state = json.loads(d["host_generator"])
             if setup.ema is not None:
                 setup.ema.model.load_state_dict(d["ema"])
+            if setup.scaler is not None and "scaler" in d:  # (fp16; the scale a run had reached)
+                setup.scaler.load_state_dict(d["scaler"])
             set_rng_state(d["rng"], device)
             sums = d["epoch_sums"].to(device=device, dtype=accumulation_dtype(device))
             state.epoch_sums = sums if main else torch.zeros_like(sums)  # the saved sums are all ranks'

@@ -102,17 +102,21 @@ class TimeBudget:
 
 
 def calibrate(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Compute, steps: int = 8
-              ) -> tuple[float, float, float]:
-    """(seconds per training step, per evaluated image, per checkpoint) measured on copies of the
-    model and optimizer, with the random streams put back: the run itself is untouched."""
+              ) -> tuple[float, float, float, float]:
+    """(seconds per training step, per evaluated image, per checkpoint, to compile) measured on
+    copies of the model and optimizer, with the random streams put back: the run itself is
+    untouched. With --compile the steps are timed compiled, and the first step's excess over
+    them is the compile time the run will pay again (less, where the compiler's cache helps)."""
     with torch.random.fork_rng(devices=[compute.device] if compute.device.type == "cuda" else []):
         return _calibrate(cfg, setup, data, compute, steps)  # the run's own streams, CUDA's too, as they were
 
 
 def _calibrate(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Compute, steps: int
-               ) -> tuple[float, float, float]:
+               ) -> tuple[float, float, float, float]:
     model = copy.deepcopy(setup.model).train()
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay)
+    step_model = torch.compile(model) if cfg.compile else model  # evaluation runs eager, as in the run
+    scaler = copy.deepcopy(setup.scaler)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, scaler)
     optimizer.load_state_dict(setup.optimizer.state_dict())
     batches = setup.batches
     bs = batches.batch_size // compute.dist.world
@@ -123,9 +127,9 @@ def _calibrate(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Com
         t = time.perf_counter()
         x = batches.augment(batches.images.index_select(0, idx), gen)
         y = batches.labels.index_select(0, idx)
-        loss, _ = loss_and_logits(model, x, y, compute.device, compute.amp_dtype, cfg.label_smoothing)
+        loss, _ = loss_and_logits(step_model, x, y, compute.device, compute.amp_dtype, cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        apply_gradients(model, optimizer, loss, cfg.grad_clip)
+        apply_gradients(model, optimizer, loss, cfg.grad_clip, scaler)
         synchronize(compute.device)
         times.append(time.perf_counter() - t)
     images = data.val.images[: max(2 * cfg.eval_batch_size, 256)]
@@ -139,7 +143,9 @@ def _calibrate(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Com
         synchronize(compute.device)  # (on a GPU the passes are only queued until here)
         passes.append(time.perf_counter() - t)
     eval_per_image = min(passes) / max(1, len(images))
-    return sorted(times[2:])[len(times[2:]) // 2], eval_per_image, checkpoint_seconds(cfg, setup, model, optimizer)
+    step = sorted(times[2:])[len(times[2:]) // 2]
+    compile_s = max(0.0, times[0] - step) if cfg.compile else 0.0
+    return step, eval_per_image, checkpoint_seconds(cfg, setup, model, optimizer), compile_s
 
 
 def checkpoint_seconds(cfg: TrainConfig, setup: Setup, model: ViT, optimizer: torch.optim.Optimizer) -> float:
@@ -160,8 +166,8 @@ def checkpoint_seconds(cfg: TrainConfig, setup: Setup, model: ViT, optimizer: to
 
 
 def plan_budget(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Compute, since: float) -> Plan:
-    step_s, eval_s, ckpt_s = calibrate(cfg, setup, data, compute)
+    step_s, eval_s, ckpt_s, compile_s = calibrate(cfg, setup, data, compute)
     return budgets.plan(parse_duration(cfg.time_budget), step_s, eval_s, setup.steps_per_epoch, len(data.val),
                         len(data.train) + len(data.test) + (0 if data.val_is_test else len(data.val)),
                         val_passes=2 if cfg.ema_decay > 0 else 1, final_passes=2 if cfg.tta_flip else 1,
-                        max_steps=1 << 40, since=since, checkpoint_seconds=ckpt_s)
+                        max_steps=1 << 40, since=since, checkpoint_seconds=ckpt_s, compile_seconds=compile_s)

@@ -1,0 +1,90 @@
+"""The GPU measurement scripts, rehearsed on the CPU: GPU time is scarce (one short session,
+calls of at most 10 minutes, 8 files back), so every step of them runs here first, at tiny
+sizes, on synthetic CIFAR files."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.datafiles import write_cifar10
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = ("step", "pipeline", "epoch", "reference", "compile")
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("cifar")
+    write_cifar10(data, per_batch=40)  # 200 training images
+    return data
+
+
+def test_gpu_script_rehearses_every_step_on_the_cpu_and_keeps_each_result_as_it_goes(cifar, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "REHEARSE_DATA": str(cifar), "OMP_NUM_THREADS": "1"}
+    env.pop("BENCH_HISTORY", None)
+    history = (REPO / "benchmarks" / "HISTORY.md").read_bytes()
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--rehearse"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=500)
+    log = (out / "log.txt").read_text()
+    assert done.returncode == 0, done.stdout + log[-3000:]
+    for step in STEPS:
+        assert f"== {step}: exit 0" in log
+    runs = _module("common").history_entries((out / "HISTORY-gpu.md").read_text())
+    assert [r["title"].split(" (")[0] for r in runs] == [
+        "Training step throughput", "Data pipeline throughput", "One CIFAR-10 epoch, end to end",
+        "One reference-cifar10 epoch", "Training step throughput"]
+    assert all("--device cpu" in r["command"] for r in runs)
+    assert "One epoch of the 45000 training images" in log  # projected to CIFAR-10's split, not the subset's
+    assert len(list(out.iterdir())) <= 8  # what the device tool sends back
+    assert (REPO / "benchmarks" / "HISTORY.md").read_bytes() == history  # the repository's record untouched
+
+
+def test_a_failed_step_is_reported_and_the_others_still_recorded(cifar, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "REHEARSE_DATA": str(tmp_path / "missing"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", "benchmarks/gpu.sh", "--rehearse", "pipeline", "step"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "a step failed" in done.stdout
+    assert "== pipeline: exit 1" in (out / "log.txt").read_text()
+    assert len(_module("common").history_entries((out / "HISTORY-gpu.md").read_text())) == 1  # the step's
+    bad = subprocess.run(["bash", "benchmarks/gpu.sh", "warp"], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "unknown step: warp" in bad.stdout
+
+
+@pytest.mark.parametrize("dataset, val_size, val_is_test, full", [("cifar10", 0.1, False, 45_000),
+                                                                  ("cifar10", 5000, False, 45_000),
+                                                                  ("cifar100", 0, True, 50_000)])
+def test_reference_epoch_projects_the_full_training_split(dataset, val_size, val_is_test, full):
+    assert _module("reference_epoch").full_train_images(dataset, val_size, val_is_test) == full
+
+
+def test_gpu_accuracy_script_trains_to_its_budget_and_sends_back_at_most_8_files(cifar, tmp_path):
+    halves = _module("cifar_halves")
+    parts = tmp_path / "parts"
+    halves.pack(cifar, "cifar10", parts / ".gpudata-a", parts / ".gpudata-b")
+    out, machine = tmp_path / "out", tmp_path / "machine"
+    env = {**os.environ, "OUT": str(out), "DATA": str(machine), "OMP_NUM_THREADS": "1", "BUDGET": "25s"}
+    for call in (["stage"], ["train", "fast-cifar10-gpu", "--device", "cpu", "--depth", "1", "--dim", "32", "--heads",
+                             "2", "--mlp-dim", "32", "--batch-size", "32", "--eval-batch-size", "64", "--val-size", "20"]):
+        done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_accuracy.sh"), *call], cwd=parts, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    sent = sorted(p.name for p in out.iterdir() if p.name != "stage.txt")
+    assert sent == sorted(["gpu.txt", "train.log", "HISTORY-gpu.md", "results.md", "results.json", "metrics.csv",
+                           "loss_curve.png"])
+    [run] = _module("common").history_entries((out / "HISTORY-gpu.md").read_text())  # what `merge` brings in
+    assert run["command"].strip("`").startswith("BUDGET=25s bash benchmarks/gpu_accuracy.sh train fast-cifar10-gpu")
+    assert "| Test |" in run["text"] and "time budget" in run["text"]
