@@ -146,6 +146,13 @@ def append_results(title: str, command: str, body: str) -> None:
         write_current()
 
 
+def publish(title: str, body: str, record: bool = True) -> None:
+    """Print a result with the machine it ran on, and append it to the history unless told not to."""
+    print(f"machine: {machine()}\n{body}")
+    if record:
+        append_results(title, command_line(), body)
+
+
 def merge(path: Path) -> int:
     """Append the runs another machine recorded in ``path`` (a $BENCH_HISTORY file) to
     HISTORY.md and rebuild RESULTS.md; the number of runs merged."""

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import append_results, command_line, machine  # noqa: E402
+from common import publish  # noqa: E402
 
 from vitlab.config import load_preset  # noqa: E402
 from vitlab.data import DatasetSplits, ImageSet, load_dataset  # noqa: E402
@@ -70,9 +70,7 @@ def main() -> None:
             f"validation of {len(d.val)} images and a checkpoint: whole run {result.seconds:.1f} s). One epoch of "
             f"the {full} training images: **{full_epoch / 60:.1f} min**; the preset's {preset.epochs} epochs: "
             f"**{preset.epochs * full_epoch / 3600:.1f} h** of training\n\n`{last}`")
-    print(f"machine: {machine()}\n{body}")
-    if not args.no_record:
-        append_results(f"One {args.preset} epoch (benchmarks/reference_epoch.py)", command_line(), body)
+    publish(f"One {args.preset} epoch (benchmarks/reference_epoch.py)", body, record=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,13 @@ def forge_manifest(folder: Path, edit=None) -> None:
     manifest["files"] = {name: sha256_file(Path(folder) / name) for name in manifest.get("files", {})}
     manifest[SELF_DIGEST] = manifest_digest(manifest)
     path.write_text(json.dumps(manifest))
+
+
+def metrics_but_the_clock(run: Path) -> list[dict]:
+    """A run's metrics.csv rows without its training-clock column (the one thing two runs of the
+    same config never share), which every row must have."""
+    from vitlab.report import read_metrics
+
+    rows = read_metrics(Path(run) / "metrics.csv")
+    assert rows and all(r.pop("seconds") >= 0 for r in rows)
+    return rows

@@ -88,3 +88,28 @@ def test_gpu_accuracy_script_trains_to_its_budget_and_sends_back_at_most_8_files
     [run] = _module("common").history_entries((out / "HISTORY-gpu.md").read_text())  # what `merge` brings in
     assert run["command"].strip("`").startswith("BUDGET=25s bash benchmarks/gpu_accuracy.sh train fast-cifar10-gpu")
     assert "| Test |" in run["text"] and "time budget" in run["text"]
+
+
+def test_speedrun_times_each_target_per_seed_and_summarises_them(tmp_path):
+    """benchmarks/speedrun.py on the embedded digits: real runs, each seed's curve from its
+    metrics.csv clock, the time to each target, mean and spread, the plot; a second call reads
+    the finished seeds instead of training them again."""
+    import json
+    import sys
+
+    cmd = [sys.executable, "benchmarks/speedrun.py", "digits", "--data-dir", str(tmp_path), "--seeds", "0", "1",
+           "--targets", "0.3", "0.999", "--set", "epochs=6", "--set", "depth=1", "--set", "tta_flip=true",
+           "--set", "optimizer=muon",
+           "--label", "t", "--runs", str(tmp_path), "--no-record"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [line for line in first.stdout.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| seed | epochs | test acc | best val acc | s to val 0.30 | s to val 1.00 |")
+    assert rows[1].startswith("| 0 | 6 |") and rows[2].startswith("| 1 | 6 |")
+    assert "(2/2) | - (0/2) |" in rows[3]  # 0.3 reached by both seeds, 0.999 by none
+    record = json.loads((tmp_path / "digits-t" / "seed0" / "speedrun.json").read_text())
+    assert [round(a, 6) for _, a in record["curve"]] and all(s > 0 for s, _ in record["curve"])
+    assert "--tta-flip" in record["command"] and (tmp_path / "digits-t.png").stat().st_size > 10_000
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert "seed 0:" not in again.stdout and rows == [r for r in again.stdout.splitlines() if r.startswith("| ")]

@@ -39,7 +39,8 @@ class HostSyncs(TorchDispatchMode):
                                      dict(trivial_augment=1.0), dict(random_erasing=0.5), dict(mixup_alpha=0.4),
                                      dict(cutmix_alpha=1.0), dict(mixup_alpha=0.4, cutmix_alpha=1.0),
                                      dict(repeated_augment=2), dict(dropout=0.1, attn_dropout=0.1, drop_path=0.2),
-                                     dict(ema_decay=0.9)], ids=lambda e: ",".join(e) or "default")
+                                     dict(ema_decay=0.9), dict(optimizer="muon"), dict(class_weights="balanced"),
+                                     dict(layer_decay=0.8), dict(patch_dropout=0.5)], ids=lambda e: ",".join(e) or "default")
 def test_a_step_that_does_not_log_reads_nothing_back_from_the_device(tmp_path, element):
     counter, counts = HostSyncs(), []
 

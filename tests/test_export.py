@@ -44,9 +44,10 @@ def _images(data, n=64):
     return data.test.images[:n]
 
 
-def _vitlab_logits(model: ViT, images, data) -> torch.Tensor:
+def _vitlab_logits(model: ViT, images, data, reps: int = 1) -> torch.Tensor:
+    """``reps``: the model takes the grey images as that many equal channels."""
     with torch.inference_mode():
-        return model.eval()(Normalize(data.mean, data.std)(images))
+        return model.eval()(Normalize(tuple(data.mean) * reps, tuple(data.std) * reps)(images))
 
 
 def onnx_description(path: Path) -> dict:
@@ -192,6 +193,27 @@ def test_exported_folders_load_back_in_their_libraries(digits_run, tmp_path, cap
     assert onnx_cli.output.splitlines() == ours_cli and len(ours_cli) == 6  # both fp32: the same print
     for path, line in zip(paths, ours_cli):
         assert classify(path)[0]["label"] == line.split(": ")[1].split()[0]
+
+    # each export carries its model card, as the hub's folders do (the ONNX file in its metadata)
+    import onnx
+
+    cards = [(tmp_path / fmt / "README.md").read_text() for fmt in ("timm", "hf")]
+    cards.append({p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}["model_card"])
+    for card in cards:
+        assert "## Classes" in card and "0: 0" in card and "9: 9" in card
+        assert "| Test |" in card and "## Intended use and limits" in card and "images sha256 `" in card
+        assert "- epochs: `80`" in card and "top-1 agreement 1.0000" in card
+
+    # and vitlab starts from what it exported: the same function again, from timm's and transformers' folders
+    from vitlab import load_pretrained
+
+    for fmt in ("timm", "hf"):
+        again, cfg = load_pretrained(tmp_path / fmt)
+        assert cfg.num_classes == 10 and cfg.depth == model.cfg.depth
+        grey = _images(data).repeat(1, 3, 1, 1) if fmt == "hf" else _images(data)  # (the hf export takes RGB)
+        assert torch.allclose(_vitlab_logits(again, grey, data, reps=3 if fmt == "hf" else 1), ours, atol=1e-4)
+        back, _ = load_pretrained(tmp_path / fmt, channels=1)  # RGB weights summed over the colours: the grey model
+        assert torch.allclose(_vitlab_logits(back, _images(data), data), ours, atol=1e-4)
 
 
 # -------------------------------------------------------------- refusals

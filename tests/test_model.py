@@ -198,3 +198,27 @@ def test_auto_kernel_picks_by_the_device_and_autocast_of_each_call(monkeypatch):
         bf16 = model(x)
     assert len(seen) == SMALL["depth"]  # no SDPA call under bf16 on CPU
     torch.testing.assert_close(bf16.float(), fp32, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_patch_dropout_trains_on_a_subset_of_tokens_and_evaluates_on_all(pool):
+    cfg = ViTConfig(**{**SMALL, "pool": pool, "patch_dropout": 0.5})
+    model = ViT(cfg, Kernels(attention="explicit"))
+    x = torch.randn(3, 3, 16, 16)
+    prefix = 1 if pool == "cls" else 0
+    assert model.train().embed(x).shape == (3, prefix + 8, 32)  # 8 of the 16 patches, the class token kept
+    tokens = model.eval().embed(x)
+    assert tokens.shape == (3, prefix + 16, 32)
+    kept = model.train().drop_patches(tokens)
+    full = {tuple(t.tolist()) for t in tokens[0, prefix:]}
+    assert all(tuple(t.tolist()) in full for t in kept[0, prefix:])  # whole tokens, each from the image
+    assert len({tuple(t.tolist()) for t in kept[0, prefix:]}) == 8  # none twice
+    plain = ViT(ViTConfig(**{**SMALL, "pool": pool}), Kernels(attention="explicit"))
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(plain.eval()(x), model.eval()(x))  # evaluation sees every token
+    model.train()(x).sum().backward()
+    assert model.patch_embed.proj.weight.grad is not None
+    # its training FLOPs are those of the kept tokens
+    with FlopCounterMode(display=False) as counter:
+        ViT(cfg, Kernels(attention="explicit", cls_only_last_block=False)).train()(torch.randn(2, 3, 16, 16))
+    assert counter.get_total_flops() / 2 == pytest.approx(flops_per_image(cfg, training=True) / 3, rel=0.01)

@@ -217,10 +217,9 @@ def expected_tensors(cfg: ViTConfig) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in ViT(cfg).state_dict().items()}
 
 
-def check_weights_header(folder: Path, cfg: ViTConfig) -> None:
-    """The safetensors header (read alone, with a size limit) holds exactly the tensors of
-    ``cfg``'s architecture, in float32, laid out within the file."""
-    path = Path(folder) / WEIGHTS
+def safetensors_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's header (each tensor's dtype, shape and offsets), read alone with a
+    size limit; every tensor's data checked to lie within the file. A CheckpointError otherwise."""
     try:
         with open_regular(path) as f:
             (length,) = struct.unpack("<Q", f.read(8))
@@ -233,6 +232,18 @@ def check_weights_header(folder: Path, cfg: ViTConfig) -> None:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: cannot read weights (the header is not a JSON object)")
     header.pop("__metadata__", None)
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        begin, end = offsets if isinstance(offsets, list) and len(offsets) == 2 else (None, None)
+        if not (is_whole(begin) and is_whole(end) and 0 <= begin <= end <= size - 8 - length):
+            raise CheckpointError(f"{path}: weights do not fit this model's architecture ({str(name)[:60]}: bad data offsets)")
+    return header
+
+
+def check_weights_header(folder: Path, cfg: ViTConfig) -> None:
+    """The safetensors header holds exactly the tensors of ``cfg``'s architecture, in float32."""
+    path = Path(folder) / WEIGHTS
+    header = safetensors_header(path)
     expected = expected_tensors(cfg)
     if set(header) != set(expected):
         odd = sorted(set(header) ^ set(expected))[:3]
@@ -242,9 +253,8 @@ def check_weights_header(folder: Path, cfg: ViTConfig) -> None:
         if not isinstance(entry, dict) or entry.get("dtype") != "F32" or tuple(entry.get("shape", ())) != shape:
             found = (entry.get("dtype"), entry.get("shape")) if isinstance(entry, dict) else entry
             raise CheckpointError(f"{path}: weights do not fit this model's architecture ({name}: expected F32 {list(shape)}, found {found})")
-        begin, end = entry.get("data_offsets", (None, None))
-        if not (is_whole(begin) and is_whole(end) and 0 <= begin <= end <= size - 8 - length
-                and end - begin == 4 * math.prod(shape)):
+        begin, end = entry["data_offsets"]
+        if end - begin != 4 * math.prod(shape):
             raise CheckpointError(f"{path}: weights do not fit this model's architecture ({name}: bad data offsets)")
 
 

@@ -53,6 +53,8 @@ class TrainConfig(ArchConfig):
     download: bool = option(True, "download a missing standard dataset into --data-dir (checksum-verified)")
     val_size: float = option(0.1, "validation images held out of train: a fraction (<1) or a count (>=1); 0 uses the test set as validation")
     coarse_labels: bool = option(False, "CIFAR-100 only: train on the 20 coarse superclasses instead of the 100 fine labels")
+    train_per_class: int = option(0, "train on the first N images of each class of the training split only (few-shot experiments, quick checks; 0: all of them)")
+    class_weights: str = option("none", "'balanced': weigh each class's loss by n / (classes x n_class), so that a class with fewer training images counts as much as the others (for imbalanced folders); 'none'", choices=("none", "balanced"))
     image_size: int | None = option(None, f"side length images are resized to, at most {MAX_IMAGE_SIZE} (default: the dataset's own; 32 for 'folder')")
     # --- optimisation
     epochs: int = option(80, "training epochs")
@@ -61,6 +63,11 @@ class TrainConfig(ArchConfig):
     lr: float = option(2e-3, "peak learning rate (AdamW)")
     min_lr: float = option(1e-5, "learning rate at the end of the cosine decay (capped at --lr)")
     weight_decay: float = option(0.05, "AdamW weight decay (matrices only; not biases, norms, embeddings)")
+    init_from: str | None = option(None, "start from the weights of this folder (a vitlab checkpoint, or a timm or transformers ViT folder with model.safetensors; nothing is downloaded): the architecture is the folder's, adapted to this run's image size, patch size, channels and classes (vitlab.load_pretrained)")
+    norm_eps: float = option(1e-6, "LayerNorm epsilon (1e-6 as in ViT and timm; a run started from other weights takes theirs)")
+    layer_decay: float = option(1.0, "layer-wise learning-rate decay (BEiT, timm): the head learns at --lr, block i of D at lr x decay^(D - i), the embeddings at lr x decay^(D + 1) (1: off)")
+    freeze_blocks: int = option(0, "keep the tokenizer, the class token, the positions and the first K blocks fixed (fine-tuning from --init-from)")
+    optimizer: str = option("adamw", "'adamw', or 'muon': torch.optim.Muon for the blocks' weight matrices (its step matched to AdamW's RMS, so --lr and --weight-decay keep their meaning), AdamW for embeddings, norms, biases, the head and the tokenizer", choices=("adamw", "muon"))
     warmup_epochs: float = option(2.0, "epochs of linear learning-rate warmup")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss")
     grad_clip: float = option(1.0, "clip the gradient norm to this value; 0 disables")
@@ -140,6 +147,27 @@ class TrainConfig(ArchConfig):
         need(0 <= self.hflip <= 1, f"--hflip is a probability in [0, 1], got {self.hflip}")
         need(is_whole(self.translate) and 0 <= self.translate <= MAX_IMAGE_SIZE,
              f"--translate must be a whole number of pixels from 0 to {MAX_IMAGE_SIZE}, got {self.translate!r}")
+        need(self.optimizer in ("adamw", "muon"), f"--optimizer must be adamw or muon, got {self.optimizer!r}")
+        self._validate_finetuning()
+        self._validate_runtime()
+        return self
+
+    def _validate_finetuning(self) -> None:
+        """Starting from other weights, and a user's own folder."""
+        need(is_whole(self.train_per_class) and 0 <= self.train_per_class <= 1 << 30,
+             f"--train-per-class must be a whole number >= 0, got {self.train_per_class!r}")
+        need(self.class_weights in ("none", "balanced"), f"--class-weights must be none or balanced, got {self.class_weights!r}")
+        need(0.0 < self.layer_decay <= 1.0, f"--layer-decay must be in (0, 1], got {self.layer_decay!r}")
+        top = 64 if self.init_from else self.depth  # (with --init-from the depth is the folder's: checked once known)
+        need(is_whole(self.freeze_blocks) and 0 <= self.freeze_blocks <= top,
+             f"--freeze-blocks must be a whole number from 0 to the depth {top}, got {self.freeze_blocks!r}")
+        need(isinstance(self.norm_eps, float) and 0 < self.norm_eps <= 1e-2,
+             f"--norm-eps must be a number in (0, 0.01], got {self.norm_eps!r}")
+        need(self.init_from is None or (isinstance(self.init_from, str) and 0 < len(self.init_from) <= 4096),
+             "--init-from must name a folder")
+
+    def _validate_runtime(self) -> None:
+        """Where and how the run computes, and what it writes."""
         need(self.attention in ATTENTION_KERNELS, f"--attention must be auto, sdpa or explicit, got {self.attention!r}")
         need(self.precision in ("auto", "bf16", "fp16", "fp32"), f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
         check_device_name(self.device)
@@ -153,7 +181,6 @@ class TrainConfig(ArchConfig):
         need(self.name is None or (self.name and "/" not in self.name and "\0" not in self.name
                                    and self.name not in (".", "..")),
              f"--name must be a plain folder name, got {self.name!r}")
-        return self
 
     def arch(self) -> dict[str, Any]:
         """The architecture fields, for ``ViTConfig(**cfg.arch(), image_size=..., ...)``."""

@@ -35,6 +35,7 @@ from .fileio import (atomic_write_text, fsync_dir, owner_tag, parse_json, printa
                      write_synced)
 from .interop import ExportError, check_exportable, hf_channels, timm_model_args, timm_state_dict, to_hf
 from .model import MAX_IMAGE_SIZE, Kernels, ViT
+from .model_card import CARD, model_card
 from .options import is_whole
 from .report import code_version
 
@@ -50,8 +51,9 @@ DESCRIPTION_BYTES = 1 << 20
 MAX_ONNX_BYTES = 2 << 30  # protobuf's own limit for one file
 REPORT = "vitlab-export.json"  # in a timm or hf export folder
 # What an export folder holds (save_pretrained's and timm's files, and vitlab's report).
-FOLDER_FILES = {"timm": {"config.json", "model.safetensors", REPORT},
-                "hf": {"config.json", "model.safetensors", "preprocessor_config.json", REPORT}}
+FOLDER_FILES = {"timm": {"config.json", "model.safetensors", REPORT, CARD},
+                "hf": {"config.json", "model.safetensors", "preprocessor_config.json", REPORT, CARD}}
+CARD_KEY = "model_card"  # the ONNX metadata_props entry holding the model card (markdown)
 
 
 def require(fmt: str) -> None:
@@ -191,9 +193,10 @@ def export(checkpoint: Path, fmt: str, out: Path | None = None, float_input: boo
     model = build_model(checkpoint, meta, Kernels(attention="explicit")).eval()  # every runtime has matmul + softmax
     imgs = check_images(checkpoint, meta, data_dir, log)
     reference = _reference_logits(model, imgs.images, meta.mean, meta.std)
+    card = lambda report: model_card(checkpoint, meta, fmt, report)  # noqa: E731 (README.md, written with the check)
     if fmt == "onnx":
-        return _export_onnx(model, meta, out, float_input, imgs, reference)
-    return (_export_timm if fmt == "timm" else _export_hf)(model, meta, out, imgs, reference)
+        return _export_onnx(model, meta, out, float_input, imgs, reference, card)
+    return (_export_timm if fmt == "timm" else _export_hf)(model, meta, out, imgs, reference, card)
 
 
 def _description(meta, fmt: str, report: dict, float_input: bool = False) -> dict:
@@ -208,7 +211,8 @@ def _refuse(report: dict) -> None:
                       f"{report['tolerance']:.0e}); nothing was kept")
 
 
-def _export_onnx(model: ViT, meta, out: Path, float_input: bool, imgs: CheckImages, reference: torch.Tensor) -> dict:
+def _export_onnx(model: ViT, meta, out: Path, float_input: bool, imgs: CheckImages, reference: torch.Tensor,
+                 card: Callable[[dict], str]) -> dict:
     import onnx
     import onnxruntime as ort
 
@@ -234,7 +238,8 @@ def _export_onnx(model: ViT, meta, out: Path, float_input: bool, imgs: CheckImag
         if not report["passed"]:
             _refuse(report)
         graph = onnx.load(str(staged))  # the description goes into the model file itself: one unit
-        onnx.helper.set_model_props(graph, {DESCRIPTION_KEY: json.dumps(_description(meta, "onnx", report, float_input))})
+        onnx.helper.set_model_props(graph, {DESCRIPTION_KEY: json.dumps(_description(meta, "onnx", report, float_input)),
+                                            CARD_KEY: card(report)})
         write_synced(tmp / "described.onnx", graph.SerializeToString())
         OnnxModel.load(tmp / "described.onnx")  # what predict will read: it loads and agrees with itself
         check_out(out, "onnx")  # still nothing else there
@@ -257,7 +262,8 @@ def _timm_config(meta) -> dict:
             "label_names": list(meta.classes)}
 
 
-def _export_timm(model: ViT, meta, out: Path, imgs: CheckImages, reference: torch.Tensor) -> dict:
+def _export_timm(model: ViT, meta, out: Path, imgs: CheckImages, reference: torch.Tensor,
+                 card: Callable[[dict], str]) -> dict:
     import timm
     from safetensors.torch import save_file
 
@@ -268,7 +274,7 @@ def _export_timm(model: ViT, meta, out: Path, imgs: CheckImages, reference: torc
         atomic_write_text(tmp / "config.json", json.dumps(_timm_config(meta), indent=2))
         loaded = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
         got = _timm_logits(loaded, imgs.images, meta)
-        report = _keep_if_equal(tmp, out, meta, "timm", reference, got, imgs.source)
+        report = _keep_if_equal(tmp, out, meta, "timm", reference, got, imgs.source, card)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
@@ -280,7 +286,8 @@ def _timm_logits(model, images: torch.Tensor, meta) -> torch.Tensor:
         return torch.cat([model(norm(images[i: i + 256])) for i in range(0, len(images), 256)]).float()
 
 
-def _export_hf(model: ViT, meta, out: Path, imgs: CheckImages, reference: torch.Tensor) -> dict:
+def _export_hf(model: ViT, meta, out: Path, imgs: CheckImages, reference: torch.Tensor,
+               card: Callable[[dict], str]) -> dict:
     from transformers import ViTForImageClassification, ViTImageProcessor
     from transformers.utils import logging as hf_logging
 
@@ -309,19 +316,21 @@ def _export_hf(model: ViT, meta, out: Path, imgs: CheckImages, reference: torch.
         with torch.inference_mode():
             got = torch.cat([loaded.eval()(pixel_values=norm(rgb[i: i + 256])).logits
                              for i in range(0, len(rgb), 256)]).float()
-        report = _keep_if_equal(tmp, out, meta, "hf", reference, got, imgs.source)
+        report = _keep_if_equal(tmp, out, meta, "hf", reference, got, imgs.source, card)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report
 
 
 def _keep_if_equal(tmp: Path, out: Path, meta, fmt: str, reference: torch.Tensor, got: torch.Tensor,
-                   source: str) -> dict:
-    """A written folder's parity check: refused (and removed) or given its report and moved into place."""
+                   source: str, card: Callable[[dict], str]) -> dict:
+    """A written folder's parity check: refused (and removed) or given its report and model card
+    and moved into place."""
     report = compare(reference, got, fmt, source)
     if not report["passed"]:
         _refuse(report)
     atomic_write_text(tmp / REPORT, json.dumps(_description(meta, fmt, report), indent=2))
+    atomic_write_text(tmp / CARD, card(report))
     _replace_folder(tmp, out, fmt)
     return report
 

@@ -31,9 +31,15 @@ EPOCH = (Field("epoch", "epoch", "count"), Field("step", None, "count"), Field("
          Field("train_loss", "train/loss", "loss"), Field("train_acc", "train/accuracy", "accuracy"),
          Field("val_loss", "val/loss", "loss"), Field("val_acc", "val/accuracy", "accuracy"))
 EMA = (Field("val_ema_loss", "val_ema/loss", "loss"), Field("val_ema_acc", "val_ema/accuracy", "accuracy"))
+# The training clock at the epoch's end, its validation and checkpoints included (earlier
+# sessions of a resumed run too): accuracy against time, for time-to-accuracy (benchmarks/speedrun.py).
+# Last, and absent from the files of runs started before it was recorded.
+CLOCK = (Field("seconds", "time/train_seconds", "seconds"),)
 COLUMNS = [f.column for f in EPOCH]
 EMA_COLUMNS = [f.column for f in EMA]
-BY_COLUMN = {f.column: f for f in EPOCH + EMA}
+CLOCK_COLUMNS = [f.column for f in CLOCK]
+BY_COLUMN = {f.column: f for f in EPOCH + EMA + CLOCK}
+OPTIONAL = (EMA_COLUMNS, CLOCK_COLUMNS)  # the column groups a metrics.csv may have after COLUMNS, in this order
 
 # TensorBoard, per step and per log interval.
 STEP_LOSS, STEP_LR, THROUGHPUT = "train/step_loss", "train/lr", "train/images_per_second"

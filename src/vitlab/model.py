@@ -186,6 +186,7 @@ class ArchConfig:
     attn_dropout: float = option(0.0, "dropout on attention weights")
     drop_path: float = option(0.0, "stochastic depth: drop rate of the last block's residual branches (linearly less for earlier blocks)")
     layer_scale: float = option(0.0, "LayerScale (CaiT) initial value on each residual branch (0: off; 1e-4 is usual)")
+    patch_dropout: float = option(0.0, "PatchDropout (Liu et al. 2022): while training, each image keeps a random subset of its patch tokens, this fraction dropped (less work per step; all tokens at evaluation; 0: off)")
     pos_embed_std: float = option(0.02, "standard deviation of the learned positional embedding at init: 0.02 as in ViT and timm; 1 as in vit-pytorch, which a 12-block ViT on MNIST learns from several times faster")
     pool: str = option("cls", "what feeds the head: 'cls' (class token) or 'mean' (mean of patch tokens)", choices=POOLS)
     patch_embed: str = option("conv", "tokenizer: " + ", ".join(c.about for c in PatchEmbed.registry.values() if c.about)
@@ -201,7 +202,7 @@ class ArchConfig:
         p = self.patch_size
         need(p is None or (is_whole(p) and 1 <= p <= 64), f"--patch-size must be an integer from 1 to 64, got {p!r}")
         need(self.dim % self.heads == 0, f"--heads {self.heads} does not divide --dim {self.dim}; dim must be a multiple of heads")
-        for name in ("dropout", "attn_dropout", "drop_path"):
+        for name in ("dropout", "attn_dropout", "drop_path", "patch_dropout"):
             need(0.0 <= getattr(self, name) < 1.0, f"{flag(name)} must be in [0, 1), got {getattr(self, name)}")
         need(0.0 <= self.layer_scale <= 10.0, f"--layer-scale must be in [0, 10] (0 disables), got {self.layer_scale}")
         need(0.0 < self.pos_embed_std <= 10.0, f"--pos-embed-std must be in (0, 10], got {self.pos_embed_std}")
@@ -543,7 +544,18 @@ class ViT(nn.Module):
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        return self.pos_drop(x + self.pos_embed.to(x.dtype))
+        x = self.pos_drop(x + self.pos_embed.to(x.dtype))
+        return self.drop_patches(x) if self.training and self.cfg.patch_dropout > 0 else x
+
+    def drop_patches(self, x: torch.Tensor) -> torch.Tensor:
+        """Each image's tokens with a random ``kept_patches`` of its patch tokens, in random order
+        (order carries nothing: the positions are added already); the class token kept. Drawn
+        on the device from its global stream, like dropout, so a resumed run draws the same."""
+        prefix = 0 if self.cls_token is None else 1
+        keep = kept_patches(self.cfg)
+        order = torch.rand(x.shape[0], x.shape[1] - prefix, device=x.device).argsort(dim=1)[:, :keep]
+        patches = x[:, prefix:].gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        return torch.cat([x[:, :prefix], patches], dim=1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised output tokens. With the class-token shortcut (``kernels.cls_only_last_block``,
@@ -574,20 +586,44 @@ class ViT(nn.Module):
             attentions.append(attn)
         return self.forward_head(self.norm(x)), attentions
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay matrices, not biases, norms or embeddings (nanoGPT's rule)."""
-        decay, no_decay = [], []
+    def param_groups(self, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+        """Optimizer groups: decay matrices, not biases, norms or embeddings (nanoGPT's rule); with
+        ``layer_decay`` < 1, one pair of groups per depth, each with its ``lr_scale`` (BEiT's
+        layer-wise decay: the head and final norm at 1, block i at decay^(depth - i), the
+        tokenizer and embeddings at decay^(depth + 1)). Frozen parameters are left out."""
+        groups: dict[tuple[int, bool], list] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (decay if p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+            decays = p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
+            layer = self.layer_of(name) if layer_decay < 1 else 0
+            groups.setdefault((layer, decays), []).append(p)
+        top = self.cfg.depth + 1
+        return [{"params": params, "weight_decay": weight_decay if decays else 0.0,
+                 **({"lr_scale": layer_decay ** (top - layer)} if layer_decay < 1 else {})}
+                for (layer, decays), params in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+
+    def layer_of(self, name: str) -> int:
+        """A parameter's depth: 0 the tokenizer and embeddings, i + 1 block i, depth + 1 the rest."""
+        if name.startswith(("patch_embed.", "cls_token", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.cfg.depth + 1
+
+    def freeze(self, blocks: int) -> None:
+        """Keep the tokenizer, class token, positions and the first ``blocks`` blocks fixed."""
+        for name, p in self.named_parameters():
+            if blocks and self.layer_of(name) <= blocks:
+                p.requires_grad_(False)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def kept_patches(cfg: ViTConfig) -> int:
+    """Patch tokens a training image keeps under --patch-dropout (at least one)."""
+    return max(1, round(cfg.num_patches * (1.0 - cfg.patch_dropout)))
 
 
 def flops_per_image(cfg: ViTConfig, training: bool = True, cls_only_last_block: bool = False) -> float:
@@ -595,8 +631,9 @@ def flops_per_image(cfg: ViTConfig, training: bool = True, cls_only_last_block: 
     (forward + backward), as in nanoGPT's MFU estimate. Elementwise work is ignored.
     ``cls_only_last_block``: the work done with the class-token shortcut (pool cls), which
     skips the patch tokens' query projection, attention, output projection and MLP in the
-    last block; without it, the architecture's FLOPs, as peers compute them."""
-    n = cfg.num_tokens
+    last block; without it, the architecture's FLOPs, as peers compute them. A training step
+    with --patch-dropout computes the kept tokens only."""
+    n = cfg.num_tokens - (cfg.num_patches - kept_patches(cfg) if training else 0)
     d, m = cfg.dim, cfg.mlp_dim
     patch = PatchEmbed.registry[cfg.patch_embed].macs(cfg)
     per_block = n * (3 * d * d + d * d + 2 * d * m) + 2 * n * n * d  # projections, MLP, QK^T and AV

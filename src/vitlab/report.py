@@ -21,7 +21,8 @@ from . import metrics
 from .errors import DataError
 from .fileio import NotRegularFile, append_synced, atomic_write_bytes, atomic_write_text, printable, read_bounded
 
-METRIC_FIELDS, EMA_FIELDS = metrics.COLUMNS, metrics.EMA_COLUMNS
+METRIC_FIELDS = metrics.COLUMNS
+HEADERS = [METRIC_FIELDS + ema + clock for ema in ([], metrics.EMA_COLUMNS) for clock in ([], metrics.CLOCK_COLUMNS)]
 
 
 # -------------------------------------------------------------------- metrics
@@ -45,7 +46,7 @@ def read_metrics(path: Path, problems: list[str] | None = None) -> list[dict[str
         raise DataError(f"{printable(path)}: cannot read ({e.strerror if isinstance(e, OSError) and e.strerror else e})") from None
     lines = csv.reader(io.StringIO(text))
     header = next(lines, None)
-    if header not in (METRIC_FIELDS, METRIC_FIELDS + EMA_FIELDS):
+    if header not in HEADERS:
         raise DataError(f"{printable(path)}: not a vitlab metrics file (columns {header})")
     rows: list[dict[str, float]] = []
     for number, line in enumerate(lines, start=2):
@@ -80,7 +81,9 @@ def _row_problem(line: list[str], header: list[str], previous: dict | None) -> s
 
 
 def _fields(rows: list[dict]) -> list[str]:
-    return METRIC_FIELDS + [k for k in EMA_FIELDS if rows and k in rows[0]]
+    """The columns of ``rows``: what the first row has (a run resumed from a file without an
+    optional column keeps writing without it)."""
+    return METRIC_FIELDS + [k for group in metrics.OPTIONAL for k in group if rows and k in rows[0]]
 
 
 def _line(row: dict, fields: list[str]) -> str:
@@ -167,11 +170,17 @@ def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int
     return torch.bincount(labels.long() * num_classes + preds.long(), minlength=num_classes ** 2).view(num_classes, num_classes)
 
 
+def per_class_recall(confusion: torch.Tensor) -> torch.Tensor:
+    """Each class's recall (its images classified as it); their mean is the balanced accuracy,
+    which a class imbalance cannot inflate as it inflates accuracy."""
+    return confusion.diag().double() / confusion.sum(1).clamp_min(1)
+
+
 def per_class_table(confusion: torch.Tensor, classes: Sequence[str]) -> str:
     """Markdown: accuracy (recall) of each class with its count and most frequent confusion;
     with more than 20 classes, the worst first."""
     n = confusion.sum(1)
-    acc = confusion.diag().double() / n.clamp_min(1)
+    acc = per_class_recall(confusion)
     order = list(range(len(classes))) if len(classes) <= 20 else acc.argsort().tolist()
     lines = ["| class | test images | accuracy | most often taken for |", "|---|---|---|---|"]
     for c in order:

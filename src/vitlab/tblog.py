@@ -67,7 +67,7 @@ class Board:
     def epoch(self, row: dict) -> None:
         if self.writer is None:
             return
-        for field in metrics.EPOCH + metrics.EMA:
+        for field in metrics.EPOCH + metrics.EMA + metrics.CLOCK:
             if field.tag is not None and field.column in row:
                 self.writer.add_scalar(field.tag, row[field.column], row["step"])
 

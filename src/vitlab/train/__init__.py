@@ -20,6 +20,7 @@ follow its decisions (``Compute.by_main``).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -39,7 +40,7 @@ from .epochs import run_epochs, stop_on_signals
 from .finish import RunResult, finish_run
 from .folder import RunFolder, check_same_data, peer_lost, prepare_state
 from .loop import F, apply_gradients, loss_and_logits, train_epoch
-from .setup import Setup, WeightEMA, build_model_config, build_optimizer, lr_at
+from .setup import Setup, WeightEMA, build_model_config, build_optimizer, lr_at, pretrained_arch
 from .state import TrainState, rng_state, set_rng_state
 from .timebudget import TimeBudget
 
@@ -67,8 +68,11 @@ def train(cfg: TrainConfig | None = None, *, resume: str | Path | None = None, o
         folder = open_folder(cfg, resume, started, changes or {}, compute, log)
         data = data if data is not None else load_data(folder.cfg, compute, log)
         check_same_data(folder, data, compute)
+        if folder.cfg.init_from and folder.checkpoint is None:  # the architecture of the weights it starts from
+            folder.cfg = compute.by_main(lambda: pretrained_arch(folder.cfg, data.image_size))
         compute.adopt(compute.by_main(lambda: choose_kernels(folder.cfg, data, compute, folder.checkpoint)))
-        setup = Setup.build(folder.cfg, data, compute.device, compute.kernels, compute.dist, compute.amp_dtype)
+        setup = Setup.build(folder.cfg, data, compute.device, compute.kernels, compute.dist, compute.amp_dtype,
+                            folder.checkpoint)
         budget = TimeBudget.start(folder.cfg, setup, data, compute, origin, resumed=resume is not None)
         fix_length(folder, setup, budget, log)
         if folder.dir is None:  # created only now: a bad dataset or a budget too short leaves no folder behind
@@ -116,7 +120,11 @@ def load_data(cfg: TrainConfig, compute: Compute, log: Callable[[str], None]) ->
     compute.by_main(load)
     if "data" not in loaded:
         load()
-    return loaded["data"]
+    data = loaded["data"]
+    if cfg.train_per_class:
+        data = replace(data, train=data.train.per_class(cfg.train_per_class))
+        log(f"training on the first {cfg.train_per_class} images of each class: {len(data.train)} images")
+    return data
 
 
 def fix_length(folder: RunFolder, setup: Setup, budget: TimeBudget, log: Callable[[str], None]) -> None:

@@ -150,7 +150,8 @@ def raise_if_nonfinite(folder: RunFolder, setup: Setup, state: TrainState, compu
 def save_last(folder: RunFolder, setup: Setup, state: TrainState, compute: Compute) -> None:
     """last/ with the training state (every rank takes part: the epoch's sums are summed over them)."""
     raise_if_nonfinite(folder, setup, state, compute)  # never overwrite a good checkpoint with poisoned weights
-    setup.meta.extra = {"epoch": state.epoch, "batch": state.batch, "step": state.step, **compute.kernel_record()}
+    setup.meta.extra = {"epoch": state.epoch, "batch": state.batch, "step": state.step, **compute.kernel_record(),
+                        **setup.origin_record()}
     payload = state.to_dict(setup, compute.device, compute.sum(state.epoch_sums))
     if compute.main:
         save_checkpoint(folder.dir / "last", setup.model, setup.meta, setup.config_yaml, payload)
@@ -184,6 +185,8 @@ def end_epoch(folder: RunFolder, setup: Setup, state: TrainState, data: DatasetS
         ema_loss, ema_acc = compute.evaluate(setup.ema.model, data.val, setup.normalize, cfg.eval_batch_size)
         row.update(zip(metrics.EMA_COLUMNS, (ema_loss, ema_acc)))
         candidates["ema"] = (ema_acc, setup.ema.model)
+    if not state.rows or "seconds" in state.rows[0]:  # (a run begun before the clock was recorded: as it began)
+        row["seconds"] = round(state.seconds(), 3)
     state.rows.append(row)
     if folder.board is not None:
         folder.board.epoch(row)
@@ -192,7 +195,7 @@ def end_epoch(folder: RunFolder, setup: Setup, state: TrainState, data: DatasetS
     if improved:  # the best weights of the run, raw or averaged
         state.best_val_acc = epoch_best
         setup.meta.extra = {"epoch": state.epoch, "step": state.step, "val_acc": epoch_best, "weights": kind,
-                            **compute.kernel_record()}
+                            **compute.kernel_record(), **setup.origin_record()}
     if compute.main:
         report.append_metrics(folder.dir / rundir.METRICS, state.rows)
         if improved:

@@ -70,6 +70,24 @@ def finish_run(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: Co
     return RunResult(folder.dir, results, len(state.rows), train_seconds)
 
 
+def write_figures(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: Compute, state: TrainState,
+                  probs: torch.Tensor, preds: torch.Tensor, confusion: torch.Tensor, title: str) -> None:
+    """loss_curve.png, predictions.png, attention.png and confusion.png."""
+    if state.rows:
+        report.plot_curves(state.rows, folder.dir / "loss_curve.png", title)
+    # The grid: the first test images, then the first mistakes among the rest (up to 8).
+    first = torch.arange(min(24, len(data.test)))
+    wrong = (preds != data.test.labels).nonzero().flatten()
+    show = torch.cat([first, wrong[wrong >= len(first)][:32 - len(first)]])
+    report.plot_predictions(data.test.images[show], data.test.labels[show], preds[show], probs[show],
+                            data.classes, folder.dir / "predictions.png", title)
+    predictor = Predictor(setup.meta, setup.model, setup.normalize, compute.device, compute.amp_dtype)
+    explained = explain_images(predictor, data.test.images[show], "gradient")
+    plot_grid(explained, range(len(show)), data.classes, data.test.labels[show], folder.dir / "attention.png",
+              f"{title}: where it looks (gradient-weighted attention)")
+    report.plot_confusion(confusion, data.classes, folder.dir / "confusion.png", title)
+
+
 def write_report(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: Compute, state: TrainState,
                  budget: TimeBudget, results: dict, test_logits: torch.Tensor, chosen: Path, extra: dict,
                  train_seconds: float, session_seconds: float) -> None:
@@ -98,6 +116,11 @@ def write_report(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: 
                    "[attention.png](attention.png) (where it looks: gradient-weighted attention of the same images), "
                    "[confusion.png](confusion.png)",
     }
+    recall = report.per_class_recall(confusion)
+    facts["balanced accuracy (test)"] = f"{recall.mean():.4f} (the mean of the per-class recalls below)"
+    if setup.origin:
+        facts["started from"] = (f"the {setup.origin['kind']} weights of {setup.origin['folder']} "
+                                 f"(model.safetensors sha256 {setup.origin['sha256'][:16]}...)")
     budget_record, budget_line = budget.report(cfg, state.step)
     if budget_line:
         facts["time budget"] = budget_line
@@ -109,20 +132,9 @@ def write_report(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: 
         "best_epoch": extra.get("epoch", 0), best: extra.get("val_acc"), "epochs": len(state.rows),
         "planned_epochs": cfg.epochs, seconds: train_seconds, rate: images_per_second,
         "classes": list(data.classes), "confusion": confusion.tolist(), "time_budget": budget_record,
-        "kernels": choice.to_dict() if choice else None, "code": code})
-    if state.rows:
-        report.plot_curves(state.rows, folder.dir / "loss_curve.png", title)
-    # The grid: the first test images, then the first mistakes among the rest (up to 8).
-    first = torch.arange(min(24, len(data.test)))
-    wrong = (preds != data.test.labels).nonzero().flatten()
-    show = torch.cat([first, wrong[wrong >= len(first)][:32 - len(first)]])
-    report.plot_predictions(data.test.images[show], data.test.labels[show], preds[show], probs[show],
-                            data.classes, folder.dir / "predictions.png", title)
-    predictor = Predictor(setup.meta, model, setup.normalize, compute.device, compute.amp_dtype)
-    explained = explain_images(predictor, data.test.images[show], "gradient")
-    plot_grid(explained, range(len(show)), data.classes, data.test.labels[show], folder.dir / "attention.png",
-              f"{title}: where it looks (gradient-weighted attention)")
-    report.plot_confusion(confusion, data.classes, folder.dir / "confusion.png", title)
+        "kernels": choice.to_dict() if choice else None, "code": code, "balanced_test_acc": float(recall.mean()),
+        "per_class_recall": recall.tolist(), "init_from": setup.origin or None})
+    write_figures(folder, setup, data, compute, state, probs, preds, confusion, title)
     if folder.board is not None:
         folder.board.report({name: folder.dir / f"{name}.png" for name in ("predictions", "attention", "confusion")},
                             cfg.to_dict(), {metrics.RESULTS[0].column: float(extra.get("val_acc") or 0.0),

@@ -20,11 +20,13 @@ Pending = list[tuple[torch.Tensor, float]]  # (loss, lr) of the steps since the 
 
 
 def loss_and_logits(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                    amp_dtype: torch.dtype | None, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward pass under autocast; the loss itself in fp32."""
+                    amp_dtype: torch.dtype | None, label_smoothing: float,
+                    class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward pass under autocast; the loss itself in fp32 (each class weighed by
+    ``class_weights`` where given: --class-weights balanced)."""
     with autocast(device, amp_dtype):
         logits = model(x)
-    return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), logits
+    return F.cross_entropy(logits.float(), y, weight=class_weights, label_smoothing=label_smoothing), logits
 
 
 def apply_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
@@ -64,9 +66,9 @@ def train_epoch(setup: Setup, state: TrainState, compute: Compute, cfg: TrainCon
     for batch in setup.batches.epoch(state.epoch, state.batch, lambda: setup.batches_in(state.epoch)):
         lr = state.lr_scale * lr_at(state.step, setup.total_steps, setup.warmup_steps, cfg.lr, cfg.min_lr)
         for group in setup.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # (--layer-decay)
         loss, logits = loss_and_logits(setup.step_model, batch.images, batch.targets, device, compute.amp_dtype,
-                                       cfg.label_smoothing)
+                                       cfg.label_smoothing, setup.class_weights)
         setup.optimizer.zero_grad(set_to_none=True)
         state.batch = batch.index + 1
         # host sync (and, with several processes, one collective) per step, only with this option

@@ -7,11 +7,12 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ..augment import BatchAugment, Normalize
-from ..checkpoint import CheckpointMeta
+from ..checkpoint import CheckpointMeta, read_meta
 from ..config import TrainConfig
 from ..data import DatasetSplits
 from ..devices import check_fits
@@ -29,7 +30,41 @@ def build_model_config(cfg: TrainConfig, data: DatasetSplits) -> ViTConfig:
     except ConfigError as e:
         raise ConfigError(f"{e}, or set --image-size") from None
     return ViTConfig(**{**cfg.arch(), "patch_size": patch}, image_size=data.image_size, channels=data.channels,
-                     num_classes=len(data.classes))
+                     num_classes=len(data.classes), norm_eps=cfg.norm_eps)
+
+
+def pretrained_arch(cfg: TrainConfig, image_size: int) -> TrainConfig:
+    """``cfg`` with the architecture of its --init-from folder (depth, width, heads, MLP, tokenizer,
+    pooling, LayerScale, LayerNorm epsilon) at this run's patch size: --patch-size where the
+    config sets one, else the folder's (or the nearest that tiles ``image_size``)."""
+    from ..pretrained import fitting_patch, read_source
+
+    src = read_source(Path(cfg.init_from).expanduser()).cfg
+    patch = cfg.patch_size or (src.patch_size if image_size % src.patch_size == 0 else
+                               fitting_patch(image_size, src.patch_size))
+    arch = {k: getattr(src, k) for k in ("depth", "heads", "dim", "mlp_dim", "pool", "patch_embed", "layer_scale", "lsa",
+                                         "norm_eps")}
+    return cfg.replace(**arch, patch_size=patch).validate()
+
+
+def initial_weights(model: ViT, folder: str) -> dict:
+    """Load ``folder``'s weights (vitlab.load_pretrained, adapted to ``model``'s config) into
+    ``model``; what the run's manifest records of where they came from."""
+    from ..pretrained import adapt, read_source, read_weights
+
+    source = read_source(Path(folder).expanduser())
+    fresh = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    model.load_state_dict(adapt(read_weights(source), source.cfg, model.cfg, fresh))
+    return {"folder": str(Path(folder).expanduser().resolve()), "kind": source.kind, "sha256": source.sha256()}
+
+
+def balanced_weights(counts: torch.Tensor) -> torch.Tensor:
+    """n / (classes x n_c) for each class c present (scikit-learn's 'balanced'); 0 for a class with
+    no training image (it cannot be learned from this split, and an infinite weight is no help)."""
+    present = counts > 0
+    weights = torch.zeros(len(counts), dtype=torch.float32)
+    weights[present] = counts.sum() / (present.sum() * counts[present]).float()
+    return weights
 
 
 def warmup_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
@@ -50,13 +85,58 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, lr: float, min_lr: flo
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: ViT, lr: float, weight_decay: float, scaler: "torch.amp.GradScaler | None" = None
-                    ) -> torch.optim.AdamW:
+def build_optimizer(model: ViT, lr: float, weight_decay: float, scaler: "torch.amp.GradScaler | None" = None,
+                    kind: str = "adamw", layer_decay: float = 1.0) -> "torch.optim.AdamW | MuonAdamW":
     """AdamW over the weight-decay groups; with a gradient scaler (fp16), the fused kernel,
     which skips a step of non-finite gradients on the device (the unfused one makes the
-    scaler read a flag on the host at every step)."""
-    return torch.optim.AdamW(model.param_groups(weight_decay), lr=lr, betas=(0.9, 0.999),
-                             fused=True if scaler is not None else None)
+    scaler read a flag on the host at every step). ``kind="muon"``: Muon for the blocks'
+    weight matrices, AdamW for the rest (MuonAdamW). Each group's ``lr_scale`` (--layer-decay)
+    multiplies the learning rate the loop sets."""
+    fused = True if scaler is not None else None
+    groups = model.param_groups(weight_decay, layer_decay)
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
+    matrices = {id(p) for block in model.blocks for p in block.parameters() if p.ndim == 2 and p.requires_grad}
+
+    def split(hidden: bool) -> list[dict]:
+        parts = [{**g, "params": [p for p in g["params"] if (id(p) in matrices) == hidden]} for g in groups]
+        return [g for g in parts if g["params"]]
+
+    muon = torch.optim.Muon(split(True), lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return MuonAdamW(muon, torch.optim.AdamW(split(False), lr=lr, betas=(0.9, 0.999), fused=fused))
+
+
+class MuonAdamW:
+    """Two optimizers stepped as one (Keller Jordan's split for transformers): Muon, which
+    orthogonalises each weight matrix's momentum by Newton-Schulz iterations, and AdamW for
+    the parameters that are not hidden matrices. The loop sets ``lr`` on every group alike:
+    Muon's step is scaled to AdamW's RMS (``adjust_lr_fn="match_rms_adamw"``)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: torch.optim.Optimizer):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    @property
+    def state(self) -> dict:
+        return {**self.muon.state, **self.adamw.state}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def gradient_scaler(device: torch.device, amp_dtype: torch.dtype | None) -> "torch.amp.GradScaler | None":
@@ -89,8 +169,10 @@ class Setup:
     model: ViT
     step_model: torch.nn.Module  # the model as the training step calls it (compiled, DDP-wrapped, or itself)
     ema: WeightEMA | None
-    optimizer: torch.optim.Optimizer
+    optimizer: "torch.optim.Optimizer | MuonAdamW"
     scaler: torch.amp.GradScaler | None  # fp16 only
+    class_weights: torch.Tensor | None  # each class's weight in the loss (--class-weights balanced), on the device
+    origin: dict  # where the first weights came from (--init-from): folder, kind, sha256; {} from scratch
     normalize: Normalize
     batches: Batches
     meta: CheckpointMeta
@@ -102,12 +184,23 @@ class Setup:
 
     @classmethod
     def build(cls, cfg: TrainConfig, data: DatasetSplits, device: torch.device, kernels: Kernels,
-              dist: Dist, amp_dtype: torch.dtype | None = None) -> "Setup":
+              dist: Dist, amp_dtype: torch.dtype | None = None, checkpoint: Path | None = None) -> "Setup":
         """Everything built on ``device``, computing with ``kernels`` under ``amp_dtype``; with
         several processes (``dist``), wrapped for DistributedDataParallel, each rank handed its
-        rows of a batch."""
+        rows of a batch. A new run (no ``checkpoint`` to resume) starts from --init-from's
+        weights where it names a folder."""
         model_cfg = build_model_config(cfg, data)
-        model = ViT(model_cfg, kernels).to(device)
+        model = ViT(model_cfg, kernels)
+        if checkpoint is not None and dist.main:  # resumed: its manifest (rank 0's machine) says where they came from
+            origin = read_meta(checkpoint, verify=False).extra.get("init_from")
+            origin = origin if isinstance(origin, dict) and all(
+                isinstance(v, str) and len(v) <= 4096 for v in origin.values()) and len(origin) <= 8 else {}
+        elif cfg.init_from and dist.main:  # (the other ranks get the weights from DistributedDataParallel's broadcast)
+            origin = initial_weights(model, cfg.init_from)
+        else:
+            origin = {}
+        model.freeze(cfg.freeze_blocks)
+        model = model.to(device)
         normalize = Normalize(data.mean, data.std, device)
         batch_size = min(cfg.batch_size, len(data.train) // dist.world * dist.world)
         step_model = model
@@ -132,17 +225,25 @@ class Setup:
             model=model,
             step_model=step_model,
             ema=WeightEMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
-            optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay, scaler),
+            optimizer=build_optimizer(model, cfg.lr, cfg.weight_decay, scaler, cfg.optimizer, cfg.layer_decay),
             scaler=scaler,
+            class_weights=balanced_weights(torch.bincount(data.train.labels, minlength=len(data.classes))).to(device)
+            if cfg.class_weights == "balanced" else None,
+            origin=origin,
             normalize=normalize,
             batches=batches,
-            meta=CheckpointMeta(model_cfg, data.classes, data.mean, data.std, cfg.dataset, data=data.fingerprint()),
+            meta=CheckpointMeta(model_cfg, data.classes, data.mean, data.std, cfg.dataset, data=data.fingerprint(),
+                                extra={"init_from": origin} if origin else {}),
             config_yaml=cfg.to_yaml(),
             steps_per_epoch=steps,
             total_steps=schedule_steps(cfg, steps),
             warmup_steps=warmup_steps(cfg, steps),
             flops_per_image=flops_per_image(model_cfg, training=True, cls_only_last_block=kernels.cls_only_last_block),
         )
+
+    def origin_record(self) -> dict:
+        """What a checkpoint's manifest keeps of where the run's first weights came from."""
+        return {"init_from": self.origin} if self.origin else {}
 
     def batches_in(self, epoch: int) -> int:
         """Batches of epoch ``epoch`` (0-based): all of them but in a partial last epoch."""

@@ -116,7 +116,7 @@ def _calibrate(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Com
     model = copy.deepcopy(setup.model).train()
     step_model = torch.compile(model) if cfg.compile else model  # evaluation runs eager, as in the run
     scaler = copy.deepcopy(setup.scaler)
-    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, scaler)
+    optimizer = build_optimizer(model, cfg.lr, cfg.weight_decay, scaler, cfg.optimizer, cfg.layer_decay)
     optimizer.load_state_dict(setup.optimizer.state_dict())
     batches = setup.batches
     bs = batches.batch_size // compute.dist.world
@@ -127,7 +127,8 @@ def _calibrate(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Com
         t = time.perf_counter()
         x = batches.augment(batches.images.index_select(0, idx), gen)
         y = batches.labels.index_select(0, idx)
-        loss, _ = loss_and_logits(step_model, x, y, compute.device, compute.amp_dtype, cfg.label_smoothing)
+        loss, _ = loss_and_logits(step_model, x, y, compute.device, compute.amp_dtype, cfg.label_smoothing,
+                                  setup.class_weights)
         optimizer.zero_grad(set_to_none=True)
         apply_gradients(model, optimizer, loss, cfg.grad_clip, scaler)
         synchronize(compute.device)
