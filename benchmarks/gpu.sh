@@ -81,6 +81,6 @@ for s in "${STEPS[@]}"; do
     reference) run reference python3 benchmarks/reference_epoch.py --data-dir "$DATA" "${REF_ARGS[@]}" "${DEV[@]}" ;;
   esac
 done
-runs=$(grep -c '^## ' "$BENCH_HISTORY" 2>/dev/null || echo 0)
+runs=$(cat "$BENCH_HISTORY" 2>/dev/null | grep -c '^## ')
 echo "done: $runs result(s) in $BENCH_HISTORY$([ $failed = 1 ] && echo '; a step failed: see log.txt')"
 exit $failed

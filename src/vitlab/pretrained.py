@@ -97,7 +97,7 @@ def target_config(source: Source, image_size: int | None, patch_size: int | None
 
 
 def fitting_patch(image_size: int, patch: int) -> int:
-    """The patch size nearest ``patch`` that tiles ``image_size`` (a 224-px model's 16 for 32-px images: 16)."""
+    """The patch size nearest ``patch`` that tiles ``image_size`` (patches of 16 for 40-px images: 20)."""
     fits = [p for p in range(1, min(64, image_size) + 1) if image_size % p == 0 and (image_size // p) ** 2 <= 4096]
     return min(fits, key=lambda p: (abs(math.log(p / patch)), -p))
 
