@@ -11,8 +11,9 @@ the mean and spread over seeds, printed, appended to HISTORY.md, and drawn as on
 Every run is a real ``vitlab train`` command in its own process, run while nothing else runs.
 The rate of a 2048x2048 bf16 matrix product (best of 20) is measured before each run: the
 targets' time limits are quoted for a given rate, and a claim holds for the machine kind it
-was measured on. The series is resumable: a seed whose run folder holds results.json is read,
-not run again (``--fresh`` runs it again), so a long series survives an interruption.
+was measured on. The series is resumable: a seed whose folder holds its record (speedrun.json,
+written last) is read, not run again (``--fresh`` runs it again), so a long series survives an
+interruption.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def bf16_rate() -> float:
 def run_seed(preset: str, seed: int, args: argparse.Namespace, folder: Path) -> dict:
     """One seed: the command, its wall time, the machine's rate beside it, and what the run recorded."""
     record = folder / "speedrun.json"
-    if record.is_file() and (folder / "results.json").is_file() and not args.fresh:
+    if record.is_file() and not args.fresh:
         return json.loads(record.read_text())  # done in an earlier call of the series
     rate = bf16_rate()
     if args.baseline:
@@ -80,7 +81,6 @@ def run_baseline(seed: int, args: argparse.Namespace, folder: Path, record: Path
     out = {**json.loads(done.stdout.strip().splitlines()[-1]), "seed": seed, "bf16_gflops": rate,
            "command": " ".join(cmd[1:])}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text("{}")
     record.write_text(json.dumps(out))
     return out
 

@@ -222,7 +222,8 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: f
         return x, target
     rng = rng if rng is not None else np.random.default_rng()
     use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
-    lam = float(rng.beta(cutmix_alpha if use_cutmix else mixup_alpha, cutmix_alpha if use_cutmix else mixup_alpha))
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    lam = float(rng.beta(alpha, alpha))
     other = x.flip(0)
     if use_cutmix:
         _, _, height, width = x.shape

@@ -1,10 +1,10 @@
 """Kernel choices by measurement: what ``auto`` means for attention, precision and layout.
 
 Which attention kernel (SDPA or explicit matmuls), which precision (bf16 or fp16 against fp32,
-where the device computes the lower precision natively: devices.auto_precisions) and which feature-map layout (NHWC or NCHW, for the conv-pool
-tokenizer) is fastest depends on the CPU or GPU, the thread count, the torch version and the
-shapes; a rule written on one machine is wrong on the next (issue 18: SDPA under bf16 ran 2.5x
-slower than explicit matmuls on one CPU). So each correct candidate is timed for the real
+where the device computes the lower precision natively: devices.auto_precisions) and which
+feature-map layout (NHWC or NCHW, for the conv-pool tokenizer) is fastest depends on the CPU
+or GPU, the thread count, the torch version and the shapes; a rule written on one machine is
+wrong on the next (issue 18: SDPA under bf16 ran 2.5x slower than explicit matmuls on one CPU). So each correct candidate is timed for the real
 model, a few steps each, and the fastest is kept. The choice is cached per device
 fingerprint, shapes, precision request and torch version in the user's cache folder
 (``$VITLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitlab``, else ``~/.cache/vitlab``): timing

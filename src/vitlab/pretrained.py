@@ -74,8 +74,15 @@ def load_pretrained(folder: str | Path, image_size: int | None = None, patch_siz
     source = read_source(Path(folder))
     target = target_config(source, image_size, patch_size, num_classes, channels)
     model = ViT(target)  # a new head, where one is needed, starts as vitlab's does
-    model.load_state_dict(adapt(read_weights(source), source.cfg, target, model.state_dict()))
+    load_into(model, source)
     return model.eval(), target
+
+
+def load_into(model: ViT, source: "Source") -> None:
+    """``source``'s weights, adapted to ``model``'s config, loaded into ``model`` (what starts
+    anew, a head for other classes, keeps ``model``'s own initialisation)."""
+    fresh = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    model.load_state_dict(adapt(read_weights(source), source.cfg, model.cfg, fresh))
 
 
 def target_config(source: Source, image_size: int | None, patch_size: int | None, num_classes: int | None,
@@ -84,8 +91,8 @@ def target_config(source: Source, image_size: int | None, patch_size: int | None
     src = source.cfg
     if num_classes is None and not source.has_head:
         raise ConfigError(f"{printable(source.weights.parent)} has no classification head: give num_classes")
-    if image_size is not None and patch_size is None and image_size % src.patch_size:
-        patch_size = fitting_patch(image_size, src.patch_size)
+    if image_size is not None and patch_size is None:
+        patch_size = patch_for(image_size, src.patch_size)
     changes = {k: v for k, v in (("image_size", image_size), ("patch_size", patch_size), ("num_classes", num_classes),
                                  ("channels", channels)) if v is not None and v != getattr(src, k)}
     plain = PatchEmbed.registry[src.patch_embed].plain
@@ -96,8 +103,11 @@ def target_config(source: Source, image_size: int | None, patch_size: int | None
     return replace(src, **changes)
 
 
-def fitting_patch(image_size: int, patch: int) -> int:
-    """The patch size nearest ``patch`` that tiles ``image_size`` (patches of 16 for 40-px images: 20)."""
+def patch_for(image_size: int, patch: int) -> int:
+    """``patch`` where it tiles ``image_size``, else the patch size nearest it that does (patches
+    of 16 for 40-px images: 20)."""
+    if image_size % patch == 0:
+        return patch
     fits = [p for p in range(1, min(64, image_size) + 1) if image_size % p == 0 and (image_size // p) ** 2 <= 4096]
     return min(fits, key=lambda p: (abs(math.log(p / patch)), -p))
 

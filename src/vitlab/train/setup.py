@@ -37,11 +37,10 @@ def pretrained_arch(cfg: TrainConfig, image_size: int) -> TrainConfig:
     """``cfg`` with the architecture of its --init-from folder (depth, width, heads, MLP, tokenizer,
     pooling, LayerScale, LayerNorm epsilon) at this run's patch size: --patch-size where the
     config sets one, else the folder's (or the nearest that tiles ``image_size``)."""
-    from ..pretrained import fitting_patch, read_source
+    from ..pretrained import patch_for, read_source
 
     src = read_source(Path(cfg.init_from).expanduser()).cfg
-    patch = cfg.patch_size or (src.patch_size if image_size % src.patch_size == 0 else
-                               fitting_patch(image_size, src.patch_size))
+    patch = cfg.patch_size or patch_for(image_size, src.patch_size)
     arch = {k: getattr(src, k) for k in ("depth", "heads", "dim", "mlp_dim", "pool", "patch_embed", "layer_scale", "lsa",
                                          "norm_eps")}
     return cfg.replace(**arch, patch_size=patch).validate()
@@ -50,11 +49,10 @@ def pretrained_arch(cfg: TrainConfig, image_size: int) -> TrainConfig:
 def initial_weights(model: ViT, folder: str) -> dict:
     """Load ``folder``'s weights (vitlab.load_pretrained, adapted to ``model``'s config) into
     ``model``; what the run's manifest records of where they came from."""
-    from ..pretrained import adapt, read_source, read_weights
+    from ..pretrained import load_into, read_source
 
     source = read_source(Path(folder).expanduser())
-    fresh = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    model.load_state_dict(adapt(read_weights(source), source.cfg, model.cfg, fresh))
+    load_into(model, source)
     return {"folder": str(Path(folder).expanduser().resolve()), "kind": source.kind, "sha256": source.sha256()}
 
 
