@@ -4,13 +4,14 @@ Which attention kernel (SDPA or explicit matmuls), which precision (bf16 or fp16
 where the device computes the lower precision natively: devices.auto_precisions) and which
 feature-map layout (NHWC or NCHW, for the conv-pool tokenizer) is fastest depends on the CPU
 or GPU, the thread count, the torch version and the shapes; a rule written on one machine is
-wrong on the next (issue 18: SDPA under bf16 ran 2.5x slower than explicit matmuls on one CPU). So each correct candidate is timed for the real
-model, a few steps each, and the fastest is kept. The choice is cached per device
-fingerprint, shapes, precision request and torch version in the user's cache folder
-(``$VITLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitlab``, else ``~/.cache/vitlab``): timing
-costs at most about 2 s when nothing is cached and nothing when it is. A flag the user gave
-(``--attention sdpa``, ``--precision fp32``) is never second-guessed. A cache file that does
-not parse, or holds a choice that is not a candidate, is ignored and rewritten.
+wrong on the next (issue 18: SDPA under bf16 ran 2.5x slower than explicit matmuls on one
+CPU). So each correct candidate is timed for the real model, a few steps each, and the fastest
+is kept. The choice is cached per device fingerprint, shapes, precision request and torch
+version in the user's cache folder (``$VITLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/vitlab``,
+else ``~/.cache/vitlab``): timing costs at most about 2 s when nothing is cached and nothing
+when it is. A flag the user gave (``--attention sdpa``, ``--precision fp32``) is never
+second-guessed. A cache file that does not parse, or holds a choice that is not a candidate, is
+ignored and rewritten.
 """
 
 from __future__ import annotations
