@@ -464,3 +464,19 @@ def test_random_draws_use_generators_of_their_own_device_and_new_crop_plans_need
     assert all(g == t for g, t, _ in pairs), sorted({p for p in pairs if p[0] != p[1]})
     steps = [b - a for a, b in zip(counts, counts[1:-1])]
     assert len(steps) > 10 and max(steps) == 0, (steps, counter.where[:5])
+
+
+@pytest.mark.parametrize("kind, forked", [("cpu", ([], None)), ("cuda", ("dev", "cuda")), ("mps", ("dev", "mps"))])
+def test_measuring_puts_back_the_random_stream_of_the_device_it_measures(monkeypatch, kind, forked):
+    """Calibration and the kernel choice run inside devices.keep_random_streams: the CPU's stream
+    and the device's own, on a Mac too (it kept CUDA's only)."""
+    import contextlib
+
+    asked = []
+    monkeypatch.setattr(torch.random, "fork_rng", lambda devices, device_type=None: asked.append(
+        (devices, device_type)) or contextlib.nullcontext())
+    device = torch.device(kind)
+    with devices.keep_random_streams(device):
+        pass
+    want = ([device] if forked[0] == "dev" else [], forked[1])
+    assert asked == [want]

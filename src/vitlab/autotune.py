@@ -29,7 +29,8 @@ import torch
 
 from .fileio import atomic_write_text, read_bounded, read_json
 from .model import Kernels, PatchEmbed, ViT, ViTConfig, flops_per_image
-from .devices import PRECISIONS, auto_precisions, autocast, fastest_attention, resolve_precision, synchronize
+from .devices import (PRECISIONS, auto_precisions, autocast, fastest_attention, keep_random_streams, resolve_precision,
+                      synchronize)
 
 CACHE_FILE = "kernels.json"
 CACHE_LIMIT = 1 << 20  # bytes read from the cache file at most
@@ -214,7 +215,7 @@ def measure(model_cfg: ViTConfig, device: torch.device, options: list[Choice], b
         n = max(1, min(batch, round(STEP_SECONDS * 25e9 * torch.get_num_threads() / timed_flops)))
     else:
         n = batch
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with keep_random_streams(device):
         torch.manual_seed(0)
         first = ViT(one, options[0].kernels(cls_only_last_block)).to(device).train(training)
         models = [first] + [first.with_kernels(c.kernels(cls_only_last_block)) for c in options[1:]]

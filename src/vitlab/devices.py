@@ -159,6 +159,15 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def keep_random_streams(device: torch.device):
+    """A context that puts back the CPU's random stream and ``device``'s own (CUDA's or MPS's)
+    when it ends: work that only measures (calibration, the kernel choice) leaves a run's draws
+    as they were."""
+    if device.type in ("cuda", "mps"):
+        return torch.random.fork_rng(devices=[device], device_type=device.type)
+    return torch.random.fork_rng(devices=[])
+
+
 def accumulation_dtype(device: torch.device) -> torch.dtype:
     """The dtype sums of many losses and counts are kept in on ``device``: float64, except on
     Apple's MPS, which has none (float32 there: a 50,000-image epoch's counts stay exact)."""

@@ -20,7 +20,7 @@ from ..data import DatasetSplits
 from ..fileio import temp_dir
 from ..inference import predict_logits
 from ..model import ViT
-from ..devices import synchronize
+from ..devices import keep_random_streams, synchronize
 from .compute import Compute
 from .loop import apply_gradients, loss_and_logits
 from .setup import Setup, build_optimizer
@@ -107,8 +107,8 @@ def calibrate(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Comp
     copies of the model and optimizer, with the random streams put back: the run itself is
     untouched. With --compile the steps are timed compiled, and the first step's excess over
     them is the compile time the run will pay again (less, where the compiler's cache helps)."""
-    with torch.random.fork_rng(devices=[compute.device] if compute.device.type == "cuda" else []):
-        return _calibrate(cfg, setup, data, compute, steps)  # the run's own streams, CUDA's too, as they were
+    with keep_random_streams(compute.device):  # the run's own streams, the device's too, as they were
+        return _calibrate(cfg, setup, data, compute, steps)
 
 
 def _calibrate(cfg: TrainConfig, setup: Setup, data: DatasetSplits, compute: Compute, steps: int
