@@ -141,16 +141,17 @@ def read_source(folder: Path) -> Source:
                 f"from safetensors.torch import save_file; save_file({{k: v.contiguous() for k, v in "
                 f"torch.load('{pickled[0]}', weights_only=True).items()}}, 'model.safetensors')\"")
         raise CheckpointError(f"{printable(folder)}: no {WEIGHTS}")
+    header = safetensors_header(weights)  # read once: the names it holds, then their shapes
     if "architecture" in config:
         cfg, classes, has_head = timm_config(config, folder)
         names = {k: k for k in expected_tensors(cfg) if has_head or not k.startswith("head.")}
         source = Source("timm", cfg, weights, names, has_head, classes)
     elif config.get("model_type") == "vit":
-        source = hf_source(config, folder, weights)
+        source = hf_source(config, folder, weights, set(header))
     else:
         raise CheckpointError(f"{printable(folder / CONFIG_JSON)}: not a timm model (no 'architecture') nor a "
                               f"transformers ViT (model_type {str(config.get('model_type'))[:40]!r})")
-    check_header(source)
+    check_header(source, header)
     return source
 
 
@@ -217,8 +218,9 @@ def timm_config(config: dict, folder: Path) -> tuple[ViTConfig, list[str] | None
     return cfg, classes, classes_n > 0  # (without a head, num_classes 2 stands in: the caller must give one)
 
 
-def hf_source(config: dict, folder: Path, weights: Path) -> Source:
-    """A transformers ViT folder: ``ViTForImageClassification`` (a classifier) or ``ViTModel`` (none)."""
+def hf_source(config: dict, folder: Path, weights: Path, keys: set[str]) -> Source:
+    """A transformers ViT folder: ``ViTForImageClassification`` (a classifier) or ``ViTModel``
+    (none); ``keys``: the names its weights file holds."""
     def get(name, kind, default=None):
         v = config.get(name, default)
         if not isinstance(v, kind) or isinstance(v, bool) and kind is not bool:
@@ -230,7 +232,6 @@ def hf_source(config: dict, folder: Path, weights: Path) -> Source:
     if config.get("use_mask_token") or config.get("encoder_stride", 16) is None:
         raise _refuse(folder, "a mask token")
     labels = config.get("id2label") if isinstance(config.get("id2label"), dict) else {}
-    keys = set(safetensors_header(weights))
     has_head = "classifier.weight" in keys
     try:
         cfg = ViTConfig(image_size=get("image_size", int, 224), channels=get("num_channels", int, 3),
@@ -267,10 +268,9 @@ def hf_source(config: dict, folder: Path, weights: Path) -> Source:
     return Source("hf", cfg, weights, names, has_head, classes)
 
 
-def check_header(source: Source) -> None:
-    """Every tensor the architecture needs is in the file, in a float dtype, of the shape it needs
-    (q, k and v each a third of the fused projection), before anything is read."""
-    header = safetensors_header(source.weights)
+def check_header(source: Source, header: dict[str, dict]) -> None:
+    """Every tensor the architecture needs is in the file (its ``header``), in a float dtype, of the
+    shape it needs (q, k and v each a third of the fused projection), before anything is read."""
     expected = expected_tensors(source.cfg)
     for ours, theirs in source.names.items():
         shape = expected[ours]
