@@ -21,7 +21,7 @@ from .errors import ConfigError
 from .fileio import atomic_write_text, read_bounded
 from .model import ATTENTION_KERNELS, MAX_IMAGE_SIZE, ArchConfig, check_patch_fits
 from .options import flag, from_mapping, is_whole, need, option, to_mapping
-from .devices import check_device_name
+from .devices import PRECISION_CHOICES, check_device_name
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder")
 DEFAULT_PRESET = "digits"  # what `vitlab train` with no options runs
@@ -88,7 +88,7 @@ class TrainConfig(ArchConfig):
     tta_flip: bool = option(False, "final evaluation (results table, predictions, vitlab evaluate) averages the logits of each image and its mirror image; per-epoch validation stays single-view")
     # --- runtime
     device: str = option("auto", "'auto' (cuda, then mps, then cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'")
-    precision: str = option("auto", "'auto' (the faster of fp32 and the device's native lower precision, timed at the start: bf16 on CPUs with AVX512-bf16/AMX and NVIDIA Ampere or later, fp16 on NVIDIA Volta/Turing; elsewhere fp32), 'bf16', 'fp16' (trained with a gradient scaler) or 'fp32'", choices=("auto", "bf16", "fp16", "fp32"))
+    precision: str = option("auto", "'auto' (the faster of fp32 and the device's native lower precision, timed at the start: bf16 on CPUs with AVX512-bf16/AMX and NVIDIA Ampere or later, fp16 on NVIDIA Volta/Turing; elsewhere fp32), 'bf16', 'fp16' (trained with a gradient scaler) or 'fp32'", choices=PRECISION_CHOICES)
     attention: str = option("auto", "attention kernel: 'sdpa', 'explicit', or 'auto' (the faster for this model on this machine, timed at the start and cached)", choices=ATTENTION_KERNELS)
     compile: bool = option(False, "compile the model with torch.compile")
     deterministic: bool = option(False, "deterministic kernels only (torch.use_deterministic_algorithms): on a GPU, two runs of one config and a resumed run then compute the same numbers, at some cost in speed; the CPU is deterministic already")
@@ -169,7 +169,8 @@ class TrainConfig(ArchConfig):
     def _validate_runtime(self) -> None:
         """Where and how the run computes, and what it writes."""
         need(self.attention in ATTENTION_KERNELS, f"--attention must be auto, sdpa or explicit, got {self.attention!r}")
-        need(self.precision in ("auto", "bf16", "fp16", "fp32"), f"--precision must be auto, bf16, fp16 or fp32, got {self.precision!r}")
+        need(self.precision in PRECISION_CHOICES,
+             f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {self.precision!r}")
         check_device_name(self.device)
         need(self.on_nonfinite in ("stop", "skip"), f"--on-nonfinite must be 'stop' or 'skip', got {self.on_nonfinite!r}")
         need(is_whole(self.threads) and 0 <= self.threads <= 4096, f"--threads must be from 0 to 4096, got {self.threads}")

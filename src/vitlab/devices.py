@@ -69,6 +69,7 @@ def fast_fp16(device: torch.device) -> bool:
 
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # name -> autocast dtype
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # what --precision takes
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -92,7 +93,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "auto":
         return PRECISIONS[auto_precisions(device)[0]]
     if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISION_CHOICES)}, got {precision!r}")
     if precision != "fp32" and device.type == "mps":
         raise ConfigError(f"--precision {precision} is not supported on MPS; use fp32")
     return PRECISIONS[precision]
