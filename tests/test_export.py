@@ -109,6 +109,10 @@ def test_onnx_float_input(tmp_path, digits):
     ckpt = make_checkpoint(tmp_path / "best", digits)
     report = vexport.export(ckpt, "onnx", tmp_path / "f.onnx", float_input=True, log=lambda s: None)
     assert report["passed"] and onnx_description(tmp_path / "f.onnx")["input"] == "float32 normalised"
+    import onnx
+
+    card = {p.key: p.value for p in onnx.load(str(tmp_path / "f.onnx")).metadata_props}["model_card"]
+    assert "takes these normalised float32 images" in card and "uint8" not in card  # its card says what it takes
 
 
 def test_a_failed_check_keeps_nothing(tmp_path, digits, monkeypatch):

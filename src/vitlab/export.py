@@ -193,7 +193,7 @@ def export(checkpoint: Path, fmt: str, out: Path | None = None, float_input: boo
     model = build_model(checkpoint, meta, Kernels(attention="explicit")).eval()  # every runtime has matmul + softmax
     imgs = check_images(checkpoint, meta, data_dir, log)
     reference = _reference_logits(model, imgs.images, meta.mean, meta.std)
-    card = lambda report: model_card(checkpoint, meta, fmt, report)  # noqa: E731 (README.md, written with the check)
+    card = lambda report: model_card(checkpoint, meta, fmt, report, float_input)  # noqa: E731 (written with the check)
     if fmt == "onnx":
         return _export_onnx(model, meta, out, float_input, imgs, reference, card)
     return (_export_timm if fmt == "timm" else _export_hf)(model, meta, out, imgs, reference, card)

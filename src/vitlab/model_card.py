@@ -8,10 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import CONFIG
+from .compare import MAX_RESULTS_BYTES
 from .config import TrainConfig
 from .errors import VitlabError
 from .fileio import read_json
 from .report import code_version
+from .rundir import RESULTS_JSON
 
 CARD = "README.md"
 RECIPE = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "label_smoothing", "crop", "hflip",
@@ -19,15 +21,17 @@ RECIPE = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epo
           "freeze_blocks", "layer_decay", "class_weights", "train_per_class", "seed")
 
 
-def model_card(checkpoint: Path, meta, fmt: str, report: dict) -> str:
-    """Markdown for ``checkpoint`` exported as ``fmt`` with its parity ``report``."""
+def model_card(checkpoint: Path, meta, fmt: str, report: dict, float_input: bool = False) -> str:
+    """Markdown for ``checkpoint`` exported as ``fmt`` with its parity ``report`` (an ONNX file
+    takes uint8 images and normalises them itself, or, ``float_input``, normalised float32)."""
     m = meta.model
+    onnx_input = (" (the ONNX file takes these normalised float32 images)" if float_input else
+                  " (the ONNX file takes uint8 images and normalises them itself)")
     lines = [f"# vitlab ViT: {meta.dataset}, {m.depth} blocks x {m.dim} wide, {m.num_patches} patches of "
              f"{m.patch_size}x{m.patch_size}", "",
              f"A Vision Transformer trained by vitlab ({code_version()}), exported as {fmt}. Input: "
              f"{m.channels}x{m.image_size}x{m.image_size} images scaled to [0, 1] and normalised with mean "
-             f"{_nums(meta.mean)} and std {_nums(meta.std)}" + (" (the ONNX file takes uint8 images and normalises "
-                                                                  "itself)" if fmt == "onnx" else "") + ".", "",
+             f"{_nums(meta.mean)} and std {_nums(meta.std)}" + (onnx_input if fmt == "onnx" else "") + ".", "",
              "## Classes", "", ", ".join(f"{i}: {c}" for i, c in enumerate(meta.classes)), "", "## Results", ""]
     lines += _results(checkpoint) + ["", "## Training", ""] + _recipe(checkpoint, meta) + ["", "## Data", ""]
     data = meta.data or {}
@@ -56,7 +60,7 @@ def _nums(values) -> str:
 def _results(checkpoint: Path) -> list[str]:
     """The run's results table, from the run folder's results.json beside the checkpoint."""
     try:
-        results = read_json(Path(checkpoint).parent / "results.json", 8 << 20)["results"]
+        results = read_json(Path(checkpoint).parent / RESULTS_JSON, MAX_RESULTS_BYTES)["results"]
         rows = [f"| {split} | {float(results[split]['loss']):.4f} | {float(results[split]['accuracy']):.4f} |"
                 for split in ("Train", "Val", "Test")]
     except (OSError, ValueError, KeyError, TypeError):
