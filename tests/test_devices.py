@@ -56,8 +56,9 @@ def test_a_step_that_does_not_log_reads_nothing_back_from_the_device(tmp_path, e
 
 
 def test_no_float64_on_a_device_that_has_none(tmp_path, monkeypatch):
-    """Apple's MPS has no float64: with its accumulation policy, the loop, the validation and the
-    final evaluation make no float64 tensor (run here on the CPU with that policy)."""
+    """Apple's MPS has no float64: with its accumulation policy, the loop and each epoch's
+    validation make no float64 tensor (run here on the CPU with that policy; the final
+    evaluation sums logits it has moved to the host)."""
     import vitlab.inference as inference
     import vitlab.train.folder as folder
     import vitlab.train.state as state
