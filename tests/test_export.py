@@ -75,7 +75,8 @@ def digits():
 # ---------------------------------------------------------------- ONNX
 
 @pytest.mark.parametrize("arch", [dict(patch_embed="spt", lsa=True), dict(patch_embed="conv-pool", pool="mean"),
-                                  dict(patch_embed="conv-stem", layer_scale=0.1), dict(patch_embed="linear")],
+                                  dict(patch_embed="conv-stem", layer_scale=0.1), dict(patch_embed="linear"),
+                                  dict(qk_norm=True, mlp_act="relu2")],
                          ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()))
 def test_onnx_exports_every_tokenizer_and_lsa(tmp_path, digits, arch):
     ckpt = make_checkpoint(tmp_path / "best", digits, **arch)
@@ -125,7 +126,8 @@ def test_a_failed_check_keeps_nothing(tmp_path, digits, monkeypatch):
 
 # ------------------------------------------------------- timm and transformers
 
-@pytest.mark.parametrize("arch", [dict(), dict(patch_embed="linear"), dict(pool="mean"), dict(layer_scale=0.1)],
+@pytest.mark.parametrize("arch", [dict(), dict(patch_embed="linear"), dict(pool="mean"), dict(layer_scale=0.1),
+                                  dict(qk_norm=True)],
                          ids=lambda a: ",".join(f"{k}={v}" for k, v in a.items()) or "plain")
 def test_timm_and_hf_compute_the_same_function(tmp_path, digits, arch):
     from vitlab.checkpoint import load_checkpoint
@@ -138,7 +140,7 @@ def test_timm_and_hf_compute_the_same_function(tmp_path, digits, arch):
     with torch.inference_mode():
         timm_out = to_timm(model)(x)
     assert (timm_out - ours).abs().max() < 1e-5 and torch.equal(timm_out.argmax(1), ours.argmax(1))
-    if arch.get("pool") == "mean" or arch.get("layer_scale"):
+    if arch.get("pool") == "mean" or arch.get("layer_scale") or arch.get("qk_norm"):
         with pytest.raises(ExportError, match="cannot be exported to Hugging Face transformers"):
             to_hf(model)
         return
@@ -247,6 +249,8 @@ def test_a_forged_onnx_description_is_refused_in_one_line(tmp_path, digits, edit
     (dict(patch_embed="spt"), "timm", "the spt tokenizer"),
     (dict(lsa=True), "hf", "locality self-attention"),
     (dict(pool="mean"), "hf", "mean pooling (ViTForImageClassification classifies the class token)"),
+    (dict(qk_norm=True), "hf", "QK-norm (transformers' ViT has none)"),
+    (dict(mlp_act="relu2"), "timm", "the relu2 MLP activation"),
 ])
 def test_options_a_format_cannot_express_get_one_line(tmp_path, digits, arch, fmt, message):
     ckpt = make_checkpoint(tmp_path / "best", digits, **arch)

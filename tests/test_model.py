@@ -51,7 +51,8 @@ def test_attention_weights_returned_for_every_layer():
 
 @pytest.mark.parametrize("options", [dict(attention="sdpa"), dict(attention="explicit"), dict(lsa=True),
                                      dict(lsa=True, attention="explicit"),
-                                     dict(drop_path=0.3, layer_scale=0.1)],
+                                     dict(drop_path=0.3, layer_scale=0.1), dict(qk_norm=True),
+                                     dict(qk_norm=True, attention="explicit"), dict(mlp_act="relu2")],
                          ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
 def test_class_token_shortcut_gives_the_same_logits_and_gradients(options):
     """The last block computing only the class token's output is the same function with the
@@ -222,3 +223,26 @@ def test_patch_dropout_trains_on_a_subset_of_tokens_and_evaluates_on_all(pool):
     with FlopCounterMode(display=False) as counter:
         ViT(cfg, Kernels(attention="explicit", cls_only_last_block=False)).train()(torch.randn(2, 3, 16, 16))
     assert counter.get_total_flops() / 2 == pytest.approx(flops_per_image(cfg, training=True) / 3, rel=0.01)
+
+
+def test_qk_norm_normalises_each_heads_queries_and_keys_and_relu2_squares():
+    """With QK-norm, scaling the query and key projections changes nothing (each head's q and
+    k pass a LayerNorm); without it, it changes the attention. The relu2 MLP is fc2(relu(fc1 x)^2)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 16, 16)
+    for qk_norm in (True, False):
+        model = ViT(ViTConfig(**SMALL, qk_norm=qk_norm), Kernels(attention="explicit")).eval()
+        torch.nn.init.normal_(model.head.weight)
+        before = model(x)
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.weight[:2 * SMALL["dim"]] *= 7.0
+                block.attn.qkv.bias[:2 * SMALL["dim"]] *= 7.0
+        change = (model(x) - before).abs().max().item()
+        assert change < 1e-3 if qk_norm else change > 0.1, change
+        assert (hasattr(model.blocks[0].attn.q_norm, "weight")) == qk_norm
+    mlp = ViT(ViTConfig(**SMALL, mlp_act="relu2")).blocks[0].mlp
+    t = torch.randn(2, 5, SMALL["dim"])
+    torch.testing.assert_close(mlp(t), mlp.fc2(torch.relu(mlp.fc1(t)) ** 2))
+    with pytest.raises(ConfigError, match="--mlp-act must be one of gelu, relu2, got 'swish'"):
+        ViTConfig(**SMALL, mlp_act="swish").validate()

@@ -73,6 +73,26 @@ def test_each_source_loads_at_its_own_size_with_its_logits(timm_folder, hf_folde
         assert _relative(reference(grey), ours(grey)) < 1e-5 and cfg == reference.cfg
 
 
+def test_a_timm_vit_with_qk_norm_loads_with_its_logits_and_goes_back_to_timm(tmp_path):
+    import timm
+    from timm.models import _hub
+
+    from vitlab.interop import to_timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, num_classes=3,
+                              depth=2, qk_norm=True).eval()
+    for name, p in model.named_parameters():  # the norms' affine weights away from 1 and 0: they must be read
+        if "q_norm" in name or "k_norm" in name:
+            torch.nn.init.normal_(p, mean=1.0 if name.endswith("weight") else 0.0, std=0.5)
+    _hub.save_for_hf(model, str(tmp_path), safe_serialization=True)
+    ours, cfg = load_pretrained(tmp_path)
+    assert cfg.qk_norm and cfg.depth == 2
+    with torch.no_grad():
+        assert _relative(model(X), ours(X)) < 1e-5
+        assert _relative(model(X), to_timm(ours)(X)) < 1e-5
+
+
 def test_a_bare_transformers_vit_needs_a_head_and_gets_a_new_one(tmp_path):
     from transformers import ViTConfig, ViTModel
 
@@ -131,14 +151,15 @@ def test_patch_resampling_keeps_what_the_projection_computes():
 @pytest.mark.parametrize("config, files, message", [
     ({"architecture": "vit_base_r50_s16_224", "model_args": {}}, ["model.safetensors"], "hybrid"),
     ({"architecture": "convnext_tiny"}, ["model.safetensors"], "not a plain ViT vitlab knows"),
-    ({"architecture": "vit_tiny_patch16_224", "model_args": {"qk_norm": True}}, ["model.safetensors"], "qk_norm=True"),
+    ({"architecture": "vit_tiny_patch16_224", "model_args": {"reg_tokens": 4}}, ["model.safetensors"], "reg_tokens=4"),
+    ({"architecture": "vit_tiny_patch16_224", "model_args": {"qk_norm": "yes"}}, ["model.safetensors"], "--qk-norm"),
     ({"architecture": "vit_tiny_patch16_224", "model_args": {"global_pool": "map"}}, ["model.safetensors"],
      "global_pool 'map'"),
     ({"model_type": "vit", "hidden_act": "relu"}, ["model.safetensors"], "hidden_act 'relu'"),
     ({"model_type": "swin"}, ["model.safetensors"], "not a timm model"),
     ({"model_type": "vit"}, ["pytorch_model.bin"], "only as a pickle \\(pytorch_model.bin\\).*save_file"),
     ({"architecture": "vit_tiny_patch16_224"}, [], "no model.safetensors"),
-], ids=["hybrid", "convnext", "qk-norm", "map-pool", "relu", "swin", "pickle", "no-weights"])
+], ids=["hybrid", "convnext", "registers", "qk-norm-not-bool", "map-pool", "relu", "swin", "pickle", "no-weights"])
 def test_what_cannot_map_is_one_line(tmp_path, config, files, message):
     (tmp_path / "config.json").write_text(json.dumps(config))
     for name in files:

@@ -225,7 +225,7 @@ def test_conv_pool_tokenizer_stages_and_receptive_field():
 
 
 def test_shifted_patch_tokenization_sees_the_neighbours():
-    from vitlab.model import diagonal_shifts
+    from vitlab.tokenizers import diagonal_shifts
 
     x = torch.zeros(1, 1, 8, 8)
     x[0, 0, 4, 4] = 1.0

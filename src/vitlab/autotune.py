@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from .fileio import atomic_write_text, read_bounded, read_json
-from .model import Kernels, PatchEmbed, ViT, ViTConfig, flops_per_image
+from .model import Kernels, ViT, ViTConfig, flops_per_image
+from .tokenizers import PatchEmbed
 from .devices import (PRECISIONS, auto_precisions, autocast, fastest_attention, keep_random_streams, resolve_precision,
                       synchronize)
 

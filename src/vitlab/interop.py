@@ -5,7 +5,8 @@ vitlab's ViT has timm's structure and parameter names, so a timm
 transformers' ``ViTForImageClassification`` takes them renamed, with the fused QKV
 projection split into query, key and value. Only what those classes can express
 exports: the plain patch projection (``conv``, or ``linear``: the same map), no
-locality self-attention, and for transformers a class token and no LayerScale.
+locality self-attention, the GELU MLP, and for transformers a class token, no LayerScale
+and no QK-norm.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import re
 import torch
 
 from .errors import VitlabError
-from .model import PatchEmbed, ViT, ViTConfig
+from .model import ViT, ViTConfig
+from .tokenizers import PatchEmbed
 
 
 class ExportError(VitlabError):
@@ -30,7 +32,11 @@ def unsupported(cfg: ViTConfig, fmt: str) -> list[str]:
                        f"with one projection)")
     if cfg.lsa:
         reasons.append("locality self-attention (a learnable temperature and a masked diagonal)")
+    if cfg.mlp_act != "gelu":
+        reasons.append(f"the {cfg.mlp_act} MLP activation (timm's and transformers' ViTs use GELU)")
     if fmt == "hf":
+        if cfg.qk_norm:
+            reasons.append("QK-norm (transformers' ViT has none)")
         if cfg.pool != "cls":
             reasons.append("mean pooling (ViTForImageClassification classifies the class token)")
         if cfg.layer_scale > 0:
@@ -62,7 +68,8 @@ def timm_model_args(cfg: ViTConfig) -> dict:
     return dict(img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.channels, num_classes=cfg.num_classes,
                 embed_dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads, mlp_ratio=cfg.mlp_dim / cfg.dim, qkv_bias=True,
                 class_token=cfg.pool == "cls", global_pool="token" if cfg.pool == "cls" else "avg", fc_norm=False,
-                init_values=cfg.layer_scale or None, no_embed_class=False, drop_rate=0.0, drop_path_rate=0.0)
+                init_values=cfg.layer_scale or None, no_embed_class=False, drop_rate=0.0, drop_path_rate=0.0,
+                qk_norm=cfg.qk_norm)
 
 
 def timm_state_dict(model: ViT) -> dict[str, torch.Tensor]:

@@ -22,154 +22,15 @@ from torch import nn
 from .errors import ConfigError
 from .options import flag, from_mapping, is_whole, need, option, to_mapping
 from .devices import fastest_attention
+from .tokenizers import PATCH_EMBEDS, PatchEmbed
 
 POOLS = ("cls", "mean")
+MLP_ACTS = ("gelu", "relu2")
 ATTENTION_KERNELS = ("auto", "sdpa", "explicit")
 MAX_IMAGE_SIZE = 512  # a ViT for small images; also bounds what a checkpoint manifest may ask to allocate
 MAX_TOKENS = 4096
 
 
-class PatchEmbed(nn.Module):
-    """Cut the image into tokens and project each to ``dim``: (B, C, H, W) -> (B, N, dim),
-    tokens in row-major order of the ``grid`` x ``grid`` patch grid. Each tokenizer is a
-    subclass, registered by its ``name`` (the --patch-embed value): what it is, which patch
-    sizes it takes, what it costs and whether other libraries can express it are said once,
-    on the class."""
-
-    name = ""
-    about = ""  # for --patch-embed's help
-    plain = False  # the plain patch projection timm's and transformers' ViTs have
-    layouts = False  # its feature maps may be NHWC or NCHW (autotune times both)
-    registry: dict[str, type["PatchEmbed"]] = {}
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        PatchEmbed.registry[cls.name] = cls
-
-    @staticmethod
-    def build(cfg: "ViTConfig", kernels: "Kernels | None" = None) -> "PatchEmbed":
-        return PatchEmbed.registry[cfg.patch_embed](cfg, kernels or Kernels())
-
-    @classmethod
-    def refuses(cls, patch: int) -> str | None:
-        """Why this tokenizer cannot cut patches of side ``patch`` (None: it can)."""
-        return None
-
-    @classmethod
-    def macs(cls, cfg: "ViTConfig") -> int:
-        """Multiply-adds of one image's tokenization."""
-        return cfg.num_patches * cfg.channels * cfg.patch_size**2 * cfg.dim
-
-
-class ConvPatches(PatchEmbed):
-    name, plain = "conv", True
-    about = "'conv' or 'linear' (the plain patch projection)"
-
-    def __init__(self, cfg: "ViTConfig", kernels: "Kernels"):
-        super().__init__()
-        self.proj = nn.Conv2d(cfg.channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
-class LinearPatches(PatchEmbed):
-    """The same linear map as ``conv`` (a strided convolution is a matmul over flattened
-    patches); both are offered because their speed differs."""
-
-    name, plain = "linear", True
-
-    def __init__(self, cfg: "ViTConfig", kernels: "Kernels"):
-        super().__init__()
-        self.patch_size = cfg.patch_size
-        self.proj = nn.Linear(cfg.channels * cfg.patch_size**2, cfg.dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(patchify(x, self.patch_size))
-
-
-class ShiftedPatches(PatchEmbed):
-    """Shifted patch tokenization: four half-patch diagonal shifts of the image as channels,
-    then LayerNorm and a linear projection."""
-
-    name = "spt"
-    about = "'spt' (shifted patch tokenization, Lee et al. 2021)"
-
-    def __init__(self, cfg: "ViTConfig", kernels: "Kernels"):
-        super().__init__()
-        self.patch_size = cfg.patch_size
-        patch_dim = 5 * cfg.channels * cfg.patch_size**2
-        self.norm = nn.LayerNorm(patch_dim, eps=cfg.norm_eps)
-        self.proj = nn.Linear(patch_dim, cfg.dim)
-
-    @classmethod
-    def refuses(cls, patch: int) -> str | None:
-        return None if patch % 2 == 0 else f"shifts by half a patch: --patch-size must be even, got {patch}"
-
-    @classmethod
-    def macs(cls, cfg: "ViTConfig") -> int:
-        return 5 * super().macs(cfg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.patch_size
-        return self.proj(self.norm(patchify(diagonal_shifts(x, p // 2), p)))
-
-
-class ConvStem(PatchEmbed):
-    name = "conv-stem"
-    about = "'conv-stem' (a 3x3 conv first: overlapping patches)"
-
-    def __init__(self, cfg: "ViTConfig", kernels: "Kernels"):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(cfg.channels, cfg.dim // 2, 3, padding=1), nn.GELU())
-        self.proj = nn.Conv2d(cfg.dim // 2, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-
-    @classmethod
-    def macs(cls, cfg: "ViTConfig") -> int:  # 3x3 conv to dim/2 channels at full resolution, then the patch conv
-        d = cfg.dim
-        return cfg.image_size**2 * cfg.channels * 9 * (d // 2) + cfg.num_patches * (d // 2) * cfg.patch_size**2 * d
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.stem(x)).flatten(2).transpose(1, 2)
-
-
-class ConvPool(PatchEmbed):
-    """The CCT tokenizer: log2(patch) stages of 3x3 conv + ReLU + 3x3/2 max-pool; the last
-    stage's conv is ``proj``, the earlier stages are the stem."""
-
-    name, layouts = "conv-pool", True
-    about = ("'conv-pool' (the CCT tokenizer, Hassani et al. 2021: log2(patch) stages of 3x3 conv + ReLU + "
-             "3x3/2 max-pool)")
-
-    def __init__(self, cfg: "ViTConfig", kernels: "Kernels"):
-        super().__init__()
-        stages, c = [], cfg.channels
-        for _ in range(cfg.conv_pool_stages - 1):
-            stages += [nn.Conv2d(c, cfg.dim // 2, 3, padding=1), ChannelsLast(kernels), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-            c = cfg.dim // 2
-        self.stem = nn.Sequential(*stages)
-        self.proj = nn.Conv2d(c, cfg.dim, 3, padding=1)
-        self.pool = nn.Sequential(ChannelsLast(kernels), nn.ReLU(), nn.MaxPool2d(3, 2, 1))
-
-    @classmethod
-    def refuses(cls, patch: int) -> str | None:
-        return None if patch >= 2 and patch & (patch - 1) == 0 else \
-            f"halves the image per stage: --patch-size must be 2, 4, 8 ..., got {patch}"
-
-    @classmethod
-    def macs(cls, cfg: "ViTConfig") -> int:  # 3x3 convs at full, half, ... resolution; the last one to dim channels
-        macs, c, side = 0, cfg.channels, cfg.image_size
-        for stage in range(cfg.conv_pool_stages):
-            out = cfg.dim if stage == cfg.conv_pool_stages - 1 else cfg.dim // 2
-            macs += side * side * c * 9 * out
-            c, side = out, side // 2
-        return macs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.proj(self.stem(x))).flatten(2).transpose(1, 2)
-
-
-PATCH_EMBEDS = tuple(PatchEmbed.registry)
 
 
 @dataclass
@@ -192,6 +53,8 @@ class ArchConfig:
     patch_embed: str = option("conv", "tokenizer: " + ", ".join(c.about for c in PatchEmbed.registry.values() if c.about)
                               .replace(", 'conv-pool'", " or 'conv-pool'"), choices=PATCH_EMBEDS)
     lsa: bool = option(False, "locality self-attention (Lee et al. 2021): learnable temperature, tokens do not attend to themselves")
+    qk_norm: bool = option(False, "QK-norm: a LayerNorm on each head's queries and keys before their product (ViT-22B; timm's qk_norm): attention logits that cannot grow without bound")
+    mlp_act: str = option("gelu", "MLP activation: 'gelu' (ViT), or 'relu2', the squared ReLU (So et al. 2021, Primer; modded-nanogpt)", choices=MLP_ACTS)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first bad architecture value."""
@@ -209,6 +72,8 @@ class ArchConfig:
         need(self.pool in POOLS, f"--pool must be 'cls' or 'mean', got {self.pool!r}")
         need(self.patch_embed in PATCH_EMBEDS, f"--patch-embed must be one of {', '.join(PATCH_EMBEDS)}, got {self.patch_embed!r}")
         need(isinstance(self.lsa, bool), f"--lsa must be true or false, got {self.lsa!r}")
+        need(isinstance(self.qk_norm, bool), f"--qk-norm must be true or false, got {self.qk_norm!r}")
+        need(self.mlp_act in MLP_ACTS, f"--mlp-act must be one of {', '.join(MLP_ACTS)}, got {self.mlp_act!r}")
         refused = PatchEmbed.registry[self.patch_embed].refuses(p) if p is not None else None
         need(refused is None, f"--patch-embed {self.patch_embed} {refused}")
 
@@ -313,33 +178,6 @@ class Kernels:
             raise ConfigError(f"--attention must be one of {', '.join(ATTENTION_KERNELS)}, got {self.attention!r}")
 
 
-def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, C*p*p), patches in row-major order."""
-    b, c, h, w = x.shape
-    return x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def diagonal_shifts(x: torch.Tensor, s: int) -> torch.Tensor:
-    """The image and its four copies shifted by s pixels diagonally (zero fill), stacked on channels."""
-    padded = F.pad(x, (s, s, s, s))
-    h, w = x.shape[-2:]
-    shifted = [padded[..., s + dy: s + dy + h, s + dx: s + dx + w] for dy, dx in ((-s, -s), (-s, s), (s, -s), (s, s))]
-    return torch.cat([x, *shifted], dim=1)
-
-
-class ChannelsLast(nn.Module):
-    """Switch feature maps to NHWC when ``kernels.channels_last`` says so. Measured on the
-    2-core CPU (batch 256, 64 channels at 28x28): max-pooling takes 40 ms in NCHW and 3.5 ms
-    in NHWC, and the conv-pool tokenizer's forward 89 ms against 51 ms."""
-
-    def __init__(self, kernels: Kernels):
-        super().__init__()
-        self.kernels = kernels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.kernels.channels_last else x
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with one fused QKV projection."""
 
@@ -355,6 +193,8 @@ class Attention(nn.Module):
         self.kernels = kernels
         # LSA: a learnable temperature (stored as its log) replaces the fixed scale.
         self.log_temperature = nn.Parameter(torch.tensor(math.log(self.scale))) if cfg.lsa else None
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None  # timm's names
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else None
 
     def _split_heads(self, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(B, N, parts * dim) projections -> ``parts`` tensors of (B, heads, N, head_dim)."""
@@ -363,15 +203,17 @@ class Attention(nn.Module):
         return t.reshape(b, n, parts, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
 
     def _qkv(self, x: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries of the first ``m`` tokens; keys and values of all of them."""
+        """Queries of the first ``m`` tokens; keys and values of all of them (QK-norm applied)."""
         d = x.shape[-1]
         if m == x.shape[1]:
-            return self._split_heads(self.qkv(x))
-        # the same projection, with the query rows applied to the query tokens only
-        w_q, w_kv = self.qkv.weight.split([d, 2 * d])
-        b_q, b_kv = self.qkv.bias.split([d, 2 * d])
-        (q,) = self._split_heads(F.linear(x[:, :m], w_q, b_q))
-        k, v = self._split_heads(F.linear(x, w_kv, b_kv))
+            q, k, v = self._split_heads(self.qkv(x))
+        else:  # the same projection, with the query rows applied to the query tokens only
+            w_q, w_kv = self.qkv.weight.split([d, 2 * d])
+            b_q, b_kv = self.qkv.bias.split([d, 2 * d])
+            (q,) = self._split_heads(F.linear(x[:, :m], w_q, b_q))
+            k, v = self._split_heads(F.linear(x, w_kv, b_kv))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
     def _scale(self) -> torch.Tensor | float:
@@ -430,9 +272,14 @@ class Mlp(nn.Module):
         self.fc1 = nn.Linear(cfg.dim, cfg.mlp_dim)
         self.fc2 = nn.Linear(cfg.mlp_dim, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
+        self.act = F.gelu if cfg.mlp_act == "gelu" else relu_squared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x).square()
 
 
 class DropPath(nn.Module):

@@ -24,7 +24,8 @@ from .checkpoint import MANIFEST, WEIGHTS, expected_tensors, open_checkpoint, sa
 from .errors import CheckpointError, ConfigError
 from .fileio import open_regular, printable, read_json
 from .interop import _HF_BLOCK_NAMES, _HF_NAMES
-from .model import PatchEmbed, ViT, ViTConfig
+from .model import ViT, ViTConfig
+from .tokenizers import PatchEmbed
 
 CONFIG_JSON = "config.json"
 CONFIG_LIMIT = 1 << 20  # bytes of a foreign config.json read at most
@@ -37,9 +38,9 @@ TIMM_SIZES = {"tiny": (192, 3, 12), "small": (384, 6, 12), "medium": (512, 8, 12
 TIMM_NAME = re.compile(r"(?:vit|deit)_(tiny|small|medium|base|large|huge)_patch(\d+)_(\d+)(?:\.[\w.]+)?")
 # timm VisionTransformer arguments, and the values vitlab's ViT computes the same function with
 TIMM_FREE = {"img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads", "mlp_ratio",
-             "qkv_bias", "class_token", "global_pool", "fc_norm", "init_values", "no_embed_class"}
+             "qkv_bias", "class_token", "global_pool", "fc_norm", "init_values", "no_embed_class", "qk_norm"}
 TIMM_ALLOWED = {"drop_rate": None, "pos_drop_rate": None, "proj_drop_rate": None, "attn_drop_rate": None,
-                "drop_path_rate": None, "reg_tokens": 0, "pre_norm": False, "qk_norm": False, "dynamic_img_size": False,
+                "drop_path_rate": None, "reg_tokens": 0, "pre_norm": False, "dynamic_img_size": False,
                 "dynamic_img_pad": False, "weight_init": None, "act_layer": None, "norm_layer": None}
 
 
@@ -173,7 +174,7 @@ def timm_config(config: dict, folder: Path) -> tuple[ViTConfig, list[str] | None
     dim, heads, depth = TIMM_SIZES[size]
     args = dict(img_size=int(image), patch_size=int(patch), in_chans=3, num_classes=1000, embed_dim=dim, depth=depth,
                 num_heads=heads, mlp_ratio=4.0, qkv_bias=True, class_token=True, global_pool="token", fc_norm=None,
-                init_values=None, no_embed_class=False)
+                init_values=None, no_embed_class=False, qk_norm=False)
     given = config.get("model_args") or {}
     if not isinstance(given, dict):
         raise _refuse(folder, "model_args is not an object")
@@ -209,7 +210,8 @@ def timm_config(config: dict, folder: Path) -> tuple[ViTConfig, list[str] | None
         cfg = ViTConfig(image_size=int(img), channels=int(args["in_chans"]), num_classes=max(2, classes_n),
                         patch_size=int(args["patch_size"]), depth=int(args["depth"]), heads=int(args["num_heads"]),
                         dim=dim, mlp_dim=int(dim * float(args["mlp_ratio"])), pool=vit_pool,
-                        layer_scale=float(args["init_values"] or 0.0), patch_embed="conv", norm_eps=1e-6)
+                        layer_scale=float(args["init_values"] or 0.0), patch_embed="conv", norm_eps=1e-6,
+                        qk_norm=args["qk_norm"])
     except (ConfigError, TypeError, ValueError) as e:
         raise _refuse(folder, f"its model_args do not make a ViT vitlab can build ({e})") from None
     pretrained = config.get("pretrained_cfg") if isinstance(config.get("pretrained_cfg"), dict) else {}
