@@ -22,6 +22,7 @@ from .fileio import atomic_write_text, read_bounded
 from .model import ATTENTION_KERNELS, MAX_IMAGE_SIZE, ArchConfig, check_patch_fits
 from .options import flag, from_mapping, is_whole, need, option, to_mapping
 from .devices import PRECISION_CHOICES, check_device_name
+from .weight_init import INITS
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "folder")
 DEFAULT_PRESET = "digits"  # what `vitlab train` with no options runs
@@ -68,6 +69,7 @@ class TrainConfig(ArchConfig):
     layer_decay: float = option(1.0, "layer-wise learning-rate decay (BEiT, timm): the head learns at --lr, block i of D at lr x decay^(D - i), the embeddings at lr x decay^(D + 1) (1: off)")
     freeze_blocks: int = option(0, "keep the tokenizer, the class token, the positions and the first K blocks fixed (fine-tuning from --init-from)")
     optimizer: str = option("adamw", "'adamw', or 'muon': torch.optim.Muon for the blocks' weight matrices (its step matched to AdamW's RMS, so --lr and --weight-decay keep their meaning), AdamW for embeddings, norms, biases, the head and the tokenizer", choices=("adamw", "muon"))
+    init: str = option("trunc-normal", "how a new run's blocks start: 'trunc-normal' (ViT/timm), 'mimetic' (Trockman & Kolter 2023: each head's W_q W_k^T near the identity, W_v W_proj near minus it) or 'zero-residual' (each block's output projections at zero: every block starts as the identity)", choices=INITS)
     warmup_epochs: float = option(2.0, "epochs of linear learning-rate warmup")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy loss")
     grad_clip: float = option(1.0, "clip the gradient norm to this value; 0 disables")
@@ -165,6 +167,9 @@ class TrainConfig(ArchConfig):
              f"--norm-eps must be a number in (0, 0.01], got {self.norm_eps!r}")
         need(self.init_from is None or (isinstance(self.init_from, str) and 0 < len(self.init_from) <= 4096),
              "--init-from must name a folder")
+        need(self.init in INITS, f"--init must be one of {', '.join(INITS)}, got {self.init!r}")
+        need(self.init == "trunc-normal" or self.init_from is None,
+             f"--init {self.init} initialises new weights and --init-from loads them: drop one")
 
     def _validate_runtime(self) -> None:
         """Where and how the run computes, and what it writes."""

@@ -17,7 +17,7 @@ from .rundir import RESULTS_JSON
 
 CARD = "README.md"
 RECIPE = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "label_smoothing", "crop", "hflip",
-          "trivial_augment", "random_erasing", "mixup_alpha", "cutmix_alpha", "ema_decay", "drop_path", "init_from",
+          "trivial_augment", "random_erasing", "mixup_alpha", "cutmix_alpha", "ema_decay", "drop_path", "init", "init_from",
           "freeze_blocks", "layer_decay", "class_weights", "train_per_class", "seed")
 
 

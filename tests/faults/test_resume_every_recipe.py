@@ -20,7 +20,7 @@ from tests.datafiles import metrics_but_the_clock
 RECIPE = dict(epochs=2, depth=1, dim=32, heads=2, mlp_dim=32, tensorboard=False, threads=1, precision="fp32", device="cpu",
               dropout=0.1, attn_dropout=0.1, drop_path=0.2, hflip=0.5, translate=1, trivial_augment=0.5,
               random_erasing=0.25, mixup_alpha=0.2, cutmix_alpha=0.2, repeated_augment=2, ema_decay=0.9, log_every=3,
-              patch_dropout=0.25)
+              patch_dropout=0.25, init="mimetic")
 
 
 def _log(s: str) -> None:

@@ -19,6 +19,7 @@ from ..devices import check_fits
 from ..distributed import Dist
 from ..errors import ConfigError
 from ..model import Kernels, ViT, ViTConfig, check_patch_fits, default_patch_size, flops_per_image
+from ..weight_init import apply_init
 from .batches import Batches
 
 
@@ -197,6 +198,8 @@ class Setup:
             origin = initial_weights(model, cfg.init_from)
         else:
             origin = {}
+        if checkpoint is None and not cfg.init_from:
+            apply_init(model, cfg.init)  # --init: how a new run's blocks start
         model.freeze(cfg.freeze_blocks)
         model = model.to(device)
         normalize = Normalize(data.mean, data.std, device)
