@@ -45,27 +45,40 @@ def bf16_rate() -> float:
 
 def run_seed(preset: str, seed: int, args: argparse.Namespace, folder: Path) -> dict:
     """One seed: the command, its wall time, the machine's rate beside it, and what the run recorded."""
+    if args.baseline:
+        record = folder / "speedrun.json"
+        if record.is_file() and not args.fresh:
+            return json.loads(record.read_text())  # done in an earlier call of the series
+        return run_baseline(seed, args, folder, record, bf16_rate())
+    flags = ["--preset", preset, "--seed", str(seed), "--data-dir", args.data_dir, "--no-download",
+             *(["--time-budget", args.budget] if args.budget else []),
+             *[part for kv in args.set for part in flag_args(kv)]]
+    return {**train_and_record(flags, folder, args.fresh), "seed": seed}
+
+
+def train_and_record(flags: list[str], folder: Path, fresh: bool = False) -> dict:
+    """``vitlab train FLAGS`` into ``folder`` in its own process: its wall time, the bf16 rate
+    measured just before, the test accuracy (and balanced accuracy), the validation curve on the
+    training clock; kept in folder/speedrun.json, which a later call reads instead of training."""
     record = folder / "speedrun.json"
-    if record.is_file() and not args.fresh:
+    if record.is_file() and not fresh:
         return json.loads(record.read_text())  # done in an earlier call of the series
     rate = bf16_rate()
-    if args.baseline:
-        return run_baseline(seed, args, folder, record, rate)
-    cmd = [sys.executable, "-m", "vitlab.cli", "train", "--preset", preset, "--seed", str(seed), "--data-dir",
-           args.data_dir, "--no-download", "--out", str(folder.parent), "--name", folder.name, "--overwrite", "--quiet",
-           *(["--time-budget", args.budget] if args.budget else []),
-           *[part for kv in args.set for part in flag_args(kv)]]
-    print(f"seed {seed}: {' '.join(cmd[2:])}  (bf16 rate {rate:.0f} GFLOP/s)", flush=True)
+    cmd = [sys.executable, "-m", "vitlab.cli", "train", *flags, "--out", str(folder.parent), "--name", folder.name,
+           "--overwrite", "--quiet"]
+    print(f"{folder.name}: {' '.join(cmd[2:])}  (bf16 rate {rate:.0f} GFLOP/s)", flush=True)
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        sys.exit(f"seed {seed} failed:\n{done.stderr[-3000:]}")
+        sys.exit(f"{folder.name} failed:\n{done.stderr[-3000:]}")
     results = json.loads((folder / "results.json").read_text())
     rows = read_metrics(folder / "metrics.csv")
-    out = {"seed": seed, "wall_s": wall, "bf16_gflops": rate, "test_acc": results["results"]["Test"]["accuracy"],
+    out = {"wall_s": wall, "bf16_gflops": rate, "test_acc": results["results"]["Test"]["accuracy"],
+           "balanced_test_acc": results.get("balanced_test_acc"), "per_class_recall": results.get("per_class_recall"),
+           "classes": results.get("classes"),
            "curve": [(r.get("seconds", float("nan")), best_val(r)) for r in rows], "epochs": len(rows),
-           "command": " ".join(["vitlab", *cmd[4:]])}
+           "command": " ".join(["vitlab", *cmd[3:]])}
     record.write_text(json.dumps(out))
     return out
 
