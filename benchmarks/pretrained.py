@@ -132,7 +132,8 @@ def plot(parts: dict, path: Path) -> None:
             for i, r in enumerate(runs):
                 ax.plot([s / 60 for s, _ in r["curve"]], [a for _, a in r["curve"]], color=colour, marker=".",
                         label=arm if i == 0 else None)
-        ax.set(title=part, xlabel="training minutes", ylabel="validation accuracy")
+        ax.set(title=part, xlabel="training minutes", ylabel="validation accuracy" + (
+            " (balanced arm: balanced)" if "balanced" in arms else ""))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

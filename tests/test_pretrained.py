@@ -247,3 +247,61 @@ def test_layer_decay_scales_each_depth_and_freezing_leaves_the_optimizer_out(dig
     model.freeze(1)
     left = {by_name[id(p)] for g in build_optimizer(model, 1e-3, 0.05, kind="muon").param_groups for p in g["params"]}
     assert "blocks.0.attn.qkv.weight" not in left and "pos_embed" not in left and "blocks.1.attn.qkv.weight" in left
+
+
+def test_a_run_takes_every_field_of_its_sources_function(tmp_path):
+    """--init-from takes the source's whole function (QK-norm and the MLP's activation
+    included: a ViT built without them could not hold the weights), not its regularisation."""
+    from safetensors.torch import load_file
+
+    from vitlab.config import default_config
+    from vitlab.train import train
+
+    tiny = dict(epochs=1, max_steps=2, tensorboard=False, threads=1, device="cpu", precision="fp32", ema_decay=0)
+    source = train(default_config().replace(out=str(tmp_path), name="src", depth=2, dim=32, heads=2, mlp_dim=48,
+                                            qk_norm=True, mlp_act="relu2", lsa=True, dropout=0.2, **tiny),
+                   progress=False, log=lambda s: None).run_dir
+    tuned = train(default_config().replace(out=str(tmp_path), name="tuned", init_from=str(source / "best"), **tiny),
+                  progress=False, log=lambda s: None).run_dir
+    config = (tuned / "config.yaml").read_text()
+    for line in ("qk_norm: true", "mlp_act: relu2", "lsa: true", "depth: 2", "mlp_dim: 48", "dropout: 0.0"):
+        assert f"\n{line}\n" in config, line
+    start = load_file(str(source / "best" / "model.safetensors"))
+    assert "blocks.0.attn.q_norm.weight" in load_file(str(tuned / "best" / "model.safetensors"))
+    assert start["blocks.0.attn.q_norm.weight"].shape == (16,)
+
+
+@pytest.mark.parametrize("weights", ["balanced", "none"])
+def test_balanced_class_weights_select_by_balanced_accuracy(tmp_path, weights):
+    """On imbalanced data, --class-weights balanced makes validation score (and pick best/ by)
+    the mean per-class recall, the quantity it trains for; without it, plain accuracy."""
+    import csv
+
+    import numpy as np
+
+    from vitlab.config import default_config
+    from vitlab.data import DatasetSplits, load_dataset
+    from vitlab.inference import load_predictor
+    from vitlab.train import train
+
+    digits = load_dataset("digits", tmp_path, val_size=0.2, download=False)
+
+    def imbalanced(split):  # classes 5-9 keep one image in ten
+        keep = (split.labels < 5) | (torch.arange(len(split)) % 10 == 0)
+        return split.subset(keep.nonzero().flatten())
+
+    data = DatasetSplits("digits", digits.classes, imbalanced(digits.train), imbalanced(digits.val), digits.test,
+                         False, digits.mean, digits.std)
+    cfg = default_config().replace(dataset="folder", out=str(tmp_path), name=weights, epochs=1, depth=1, dim=32,
+                                   heads=2, mlp_dim=32, ema_decay=0, tensorboard=False, threads=1, device="cpu",
+                                   precision="fp32", class_weights=weights)
+    run = train(cfg, data=data, progress=False, log=lambda s: None).run_dir
+    [row] = list(csv.DictReader(open(run / "metrics.csv")))
+    predictor = load_predictor(run / "last", "cpu", precision="fp32")
+    preds = predictor.logits(data.val.images).argmax(1).numpy()
+    labels = data.val.labels.numpy()
+    recalls = [np.mean(preds[labels == c] == c) for c in range(10) if (labels == c).any()]
+    accuracy = float(np.mean(preds == labels))
+    expected = float(np.mean(recalls)) if weights == "balanced" else accuracy
+    assert abs(float(row["val_acc"]) - expected) < 1e-6
+    assert abs(np.mean(recalls) - accuracy) > 1e-3  # the two differ here: the test can tell them apart

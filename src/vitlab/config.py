@@ -55,7 +55,7 @@ class TrainConfig(ArchConfig):
     val_size: float = option(0.1, "validation images held out of train: a fraction (<1) or a count (>=1); 0 uses the test set as validation")
     coarse_labels: bool = option(False, "CIFAR-100 only: train on the 20 coarse superclasses instead of the 100 fine labels")
     train_per_class: int = option(0, "train on the first N images of each class of the training split only (few-shot experiments, quick checks; 0: all of them)")
-    class_weights: str = option("none", "'balanced': weigh each class's loss by n / (classes x n_class), so that a class with fewer training images counts as much as the others (for imbalanced folders); 'none'", choices=("none", "balanced"))
+    class_weights: str = option("none", "'balanced': weigh each class's loss by n / (classes x n_class), so that a class with fewer training images counts as much as the others (for imbalanced folders), and validation picks best/ by balanced accuracy (metrics.csv's val_acc is then the mean per-class recall); 'none'", choices=("none", "balanced"))
     image_size: int | None = option(None, f"side length images are resized to, at most {MAX_IMAGE_SIZE} (default: the dataset's own; 32 for 'folder')")
     # --- optimisation
     epochs: int = option(80, "training epochs")

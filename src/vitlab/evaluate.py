@@ -26,7 +26,7 @@ def evaluation(checkpoint: Path, data_dir: str | None = None, download: bool | N
     ``precision`` 'auto' (the faster where bf16 is native), 'bf16' or 'fp32'; ``attention``
     'auto' (the faster), 'sdpa' or 'explicit'. In bf16 the kernels round differently, so the
     run's table is reproduced exactly by the precision and attention its manifest records."""
-    from .report import confusion_matrix
+    from .metrics import confusion_matrix
 
     predictor = load_predictor(Path(checkpoint), device, precision, attention)
     cfg, data = checkpoint_data(Path(checkpoint), predictor.meta, data_dir, download)

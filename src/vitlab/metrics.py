@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class Field:
@@ -61,3 +63,23 @@ def console_line(row: dict, epochs: int, improved: bool, seconds: float, images:
     return (f"epoch {row['epoch']:>3}/{epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}"
             f" | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f}{ema}{' *' if improved else ''}"
             f" | {seconds:.1f}s {images / max(seconds, 1e-9):,.0f} img/s")
+
+
+# ------------------------------------------------ per-class numbers of a split
+
+def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(true class, predicted class) counts, int64 (num_classes, num_classes)."""
+    return torch.bincount(labels.long() * num_classes + preds.long(), minlength=num_classes ** 2).view(num_classes, num_classes)
+
+
+def per_class_recall(confusion: torch.Tensor) -> torch.Tensor:
+    """Each class's recall (its images classified as it); their mean is the balanced accuracy,
+    which a class imbalance cannot inflate as it inflates accuracy."""
+    return confusion.diag().double() / confusion.sum(1).clamp_min(1)
+
+
+def balanced_accuracy(confusion: torch.Tensor) -> float:
+    """The mean recall of the classes that have images (a class absent from a split is left out,
+    not counted as missed)."""
+    present = confusion.sum(1) > 0
+    return float(per_class_recall(confusion)[present].mean()) if present.any() else 0.0

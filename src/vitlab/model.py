@@ -25,6 +25,9 @@ from .devices import fastest_attention
 from .tokenizers import PATCH_EMBEDS, PatchEmbed
 
 POOLS = ("cls", "mean")
+# ArchConfig fields that shape only training (regularisation, init): the rest, with the LayerNorm
+# epsilon, are the function a set of weights computes, which a run started from them takes.
+TRAINING_ONLY = ("dropout", "attn_dropout", "drop_path", "patch_dropout", "pos_embed_std")
 MLP_ACTS = ("gelu", "relu2")
 ATTENTION_KERNELS = ("auto", "sdpa", "explicit")
 MAX_IMAGE_SIZE = 512  # a ViT for small images; also bounds what a checkpoint manifest may ask to allocate

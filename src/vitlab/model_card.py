@@ -17,8 +17,8 @@ from .rundir import RESULTS_JSON
 
 CARD = "README.md"
 RECIPE = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "label_smoothing", "crop", "hflip",
-          "trivial_augment", "random_erasing", "mixup_alpha", "cutmix_alpha", "ema_decay", "drop_path", "init", "init_from",
-          "freeze_blocks", "layer_decay", "class_weights", "train_per_class", "seed")
+          "trivial_augment", "random_erasing", "mixup_alpha", "cutmix_alpha", "ema_decay", "drop_path", "init",
+          "init_from", "freeze_blocks", "layer_decay", "class_weights", "train_per_class", "seed")
 
 
 def model_card(checkpoint: Path, meta, fmt: str, report: dict, float_input: bool = False) -> str:

@@ -307,7 +307,8 @@ def read_weights(source: Source) -> dict[str, torch.Tensor]:
         if theirs == "zeros":
             out[ours] = torch.zeros(expected[ours])
         else:
-            out[ours] = torch.cat([raw[n].float() for n in theirs.split("|")])
+            parts = theirs.split("|")  # (one name, or q|k|v to fuse: a 0-d tensor, LSA's temperature, cannot be cat)
+            out[ours] = raw[parts[0]].float() if len(parts) == 1 else torch.cat([raw[n].float() for n in parts])
     return out
 
 

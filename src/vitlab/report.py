@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .metrics import per_class_recall
 from .errors import DataError
 from .fileio import NotRegularFile, append_synced, atomic_write_bytes, atomic_write_text, printable, read_bounded
 
@@ -163,17 +164,6 @@ def results_table(results: dict[str, tuple[float, float]]) -> str:
     for split, (loss, acc) in results.items():
         lines.append(f"| {split} | {loss:.4f} | {acc:.4f} |")
     return "\n".join(lines)
-
-
-def confusion_matrix(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(true class, predicted class) counts, int64 (num_classes, num_classes)."""
-    return torch.bincount(labels.long() * num_classes + preds.long(), minlength=num_classes ** 2).view(num_classes, num_classes)
-
-
-def per_class_recall(confusion: torch.Tensor) -> torch.Tensor:
-    """Each class's recall (its images classified as it); their mean is the balanced accuracy,
-    which a class imbalance cannot inflate as it inflates accuracy."""
-    return confusion.diag().double() / confusion.sum(1).clamp_min(1)
 
 
 def per_class_table(confusion: torch.Tensor, classes: Sequence[str]) -> str:

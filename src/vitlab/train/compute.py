@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import autotune, errors
+from .. import autotune, errors, metrics
 from ..augment import Normalize
 from ..checkpoint import read_meta
 from ..config import TrainConfig
@@ -118,8 +118,13 @@ class Compute:
         return mine if w == 1 else torch.cat(self.dist.gather(mine))
 
     def evaluate(self, model: torch.nn.Module, split, normalize: Normalize, batch_size: int,
-                 tta_flip: bool = False) -> tuple[float, float]:
-        return loss_and_accuracy(self.logits(model, split.images, normalize, batch_size, tta_flip), split.labels)
+                 tta_flip: bool = False, balanced: bool = False) -> tuple[float, float]:
+        """(loss, accuracy) of ``split``; ``balanced``: the balanced accuracy (mean per-class recall)."""
+        logits = self.logits(model, split.images, normalize, batch_size, tta_flip)
+        loss, acc = loss_and_accuracy(logits, split.labels)
+        if balanced:
+            acc = metrics.balanced_accuracy(metrics.confusion_matrix(logits.argmax(1), split.labels, logits.shape[1]))
+        return loss, acc
 
     def kernel_record(self) -> dict:
         """What a checkpoint's manifest keeps of the kernel choice, so a resume computes the same way."""

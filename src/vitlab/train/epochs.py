@@ -176,13 +176,17 @@ def end_epoch(folder: RunFolder, setup: Setup, state: TrainState, data: DatasetS
                             f"Retry with a lower --lr")
     # Per-epoch validation sees each image once; flip averaging (``tta_flip``) would double
     # its cost every epoch and is kept for the final table, computed from the chosen checkpoint.
-    val_loss, val_acc = compute.evaluate(setup.model, data.val, setup.normalize, cfg.eval_batch_size)
+    # With --class-weights balanced, what selects best/ is the balanced accuracy: a validation split
+    # carved from imbalanced training data is as imbalanced, and its accuracy would favour the common classes.
+    balanced = cfg.class_weights == "balanced"
+    val_loss, val_acc = compute.evaluate(setup.model, data.val, setup.normalize, cfg.eval_batch_size, balanced=balanced)
     state.epoch += 1
     state.batch = 0
     row = dict(zip(metrics.COLUMNS, (state.epoch, state.step, lr, loss_sum / seen, correct / seen, val_loss, val_acc)))
     candidates = {"raw": (val_acc, setup.model)}
     if setup.ema is not None:
-        ema_loss, ema_acc = compute.evaluate(setup.ema.model, data.val, setup.normalize, cfg.eval_batch_size)
+        ema_loss, ema_acc = compute.evaluate(setup.ema.model, data.val, setup.normalize, cfg.eval_batch_size,
+                                             balanced=balanced)
         row.update(zip(metrics.EMA_COLUMNS, (ema_loss, ema_acc)))
         candidates["ema"] = (ema_acc, setup.ema.model)
     if not state.rows or "seconds" in state.rows[0]:  # (a run begun before the clock was recorded: as it began)

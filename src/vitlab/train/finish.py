@@ -96,7 +96,7 @@ def write_report(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: 
     cfg, model = folder.cfg, setup.model
     title = f"{cfg.dataset}: ViT {cfg.depth}x{cfg.dim}, patch {model.cfg.patch_size}"
     probs, preds = test_logits.softmax(1).max(1)
-    confusion = report.confusion_matrix(preds, data.test.labels, len(data.classes))
+    confusion = metrics.confusion_matrix(preds, data.test.labels, len(data.classes))
     images_per_second = len(data.train) * len(state.rows) / max(train_seconds, 1e-9)
     code = report.code_version()  # read from .git once, for results.md and results.json
     choice = compute.choice
@@ -116,8 +116,8 @@ def write_report(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: 
                    "[attention.png](attention.png) (where it looks: gradient-weighted attention of the same images), "
                    "[confusion.png](confusion.png)",
     }
-    recall = report.per_class_recall(confusion)
-    facts["balanced accuracy (test)"] = f"{recall.mean():.4f} (the mean of the per-class recalls below)"
+    recall, balanced = metrics.per_class_recall(confusion), metrics.balanced_accuracy(confusion)
+    facts["balanced accuracy (test)"] = f"{balanced:.4f} (the mean of the per-class recalls below)"
     if setup.origin:
         facts["started from"] = (f"the {setup.origin['kind']} weights of {setup.origin['folder']} "
                                  f"(model.safetensors sha256 {setup.origin['sha256'][:16]}...)")
@@ -132,7 +132,7 @@ def write_report(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: 
         "best_epoch": extra.get("epoch", 0), best: extra.get("val_acc"), "epochs": len(state.rows),
         "planned_epochs": cfg.epochs, seconds: train_seconds, rate: images_per_second,
         "classes": list(data.classes), "confusion": confusion.tolist(), "time_budget": budget_record,
-        "kernels": choice.to_dict() if choice else None, "code": code, "balanced_test_acc": float(recall.mean()),
+        "kernels": choice.to_dict() if choice else None, "code": code, "balanced_test_acc": balanced,
         "per_class_recall": recall.tolist(), "init_from": setup.origin or None})
     write_figures(folder, setup, data, compute, state, probs, preds, confusion, title)
     if folder.board is not None:

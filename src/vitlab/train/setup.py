@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -18,7 +18,8 @@ from ..data import DatasetSplits
 from ..devices import check_fits
 from ..distributed import Dist
 from ..errors import ConfigError
-from ..model import Kernels, ViT, ViTConfig, check_patch_fits, default_patch_size, flops_per_image
+from ..model import (TRAINING_ONLY, ArchConfig, Kernels, ViT, ViTConfig, check_patch_fits, default_patch_size,
+                     flops_per_image)
 from ..weight_init import apply_init
 from .batches import Batches
 
@@ -35,16 +36,16 @@ def build_model_config(cfg: TrainConfig, data: DatasetSplits) -> ViTConfig:
 
 
 def pretrained_arch(cfg: TrainConfig, image_size: int) -> TrainConfig:
-    """``cfg`` with the architecture of its --init-from folder (depth, width, heads, MLP, tokenizer,
-    pooling, LayerScale, LayerNorm epsilon) at this run's patch size: --patch-size where the
+    """``cfg`` with the architecture of its --init-from folder (every field of the function its
+    weights compute: depth, width, heads, MLP and its activation, tokenizer, pooling, LayerScale,
+    LSA, QK-norm, LayerNorm epsilon; not the regularisation) at this run's patch size: --patch-size where the
     config sets one, else the folder's (or the nearest that tiles ``image_size``)."""
     from ..pretrained import patch_for, read_source
 
     src = read_source(Path(cfg.init_from).expanduser()).cfg
     patch = cfg.patch_size or patch_for(image_size, src.patch_size)
-    arch = {k: getattr(src, k) for k in ("depth", "heads", "dim", "mlp_dim", "pool", "patch_embed", "layer_scale", "lsa",
-                                         "norm_eps")}
-    return cfg.replace(**arch, patch_size=patch).validate()
+    arch = {f.name: getattr(src, f.name) for f in fields(ArchConfig) if f.name not in (*TRAINING_ONLY, "patch_size")}
+    return cfg.replace(**arch, norm_eps=src.norm_eps, patch_size=patch).validate()
 
 
 def initial_weights(model: ViT, folder: str) -> dict:
