@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import publish  # noqa: E402
-from speedrun import shown, train_and_record  # noqa: E402
+from speedrun import save_plot, shown, train_and_record  # noqa: E402
 
 RUNS = Path(__file__).with_name("speedruns") / "pretrained"
 PARTS = ("pretrain", "fewshot", "full", "imbalance")
@@ -65,7 +65,7 @@ def write_imbalanced(args: argparse.Namespace) -> Path:
     if (root / "done").is_file():
         return root
     train, test, classes = load_cifar10(Path(args.data_dir), download=False)
-    (root / "rare.txt").parent.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
     (root / "rare.txt").write_text("\n".join(classes[5:]) + "\n")
     for split, data, count in (("train", train, lambda c: args.major if c < 5 else args.major // 10),
                                ("test", test, lambda c: 500)):
@@ -134,11 +134,7 @@ def plot(parts: dict, path: Path) -> None:
                         label=arm if i == 0 else None)
         ax.set(title=part, xlabel="training minutes", ylabel="validation accuracy" + (
             " (balanced arm: balanced)" if "balanced" in arms else ""))
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, axes[0], path)
 
 
 def main() -> None:

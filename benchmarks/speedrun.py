@@ -157,8 +157,16 @@ def plot(runs: list[dict], targets: list[float], title: str, path: Path) -> None
     for t in targets:
         ax.axhline(t, color="grey", linestyle="--", linewidth=0.8)
     ax.set(xlabel="training minutes", ylabel="validation accuracy (best of raw and EMA)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    save_plot(fig, [ax], path)
+
+
+def save_plot(fig, axes, path: Path) -> None:
+    """Grid and legend on each of ``axes``, then ``fig`` written to ``path`` and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class ViTConfig(Protocol):
+class TokenizerConfig(Protocol):
     """What a tokenizer reads of the model's config (model.ViTConfig, which lists the tokenizers)."""
 
     image_size: int
@@ -27,7 +27,7 @@ class ViTConfig(Protocol):
     def conv_pool_stages(self) -> int: ...
 
 
-class Kernels(Protocol):
+class TokenizerKernels(Protocol):
     """What a tokenizer reads of how the model computes (model.Kernels)."""
 
     channels_last: bool
@@ -52,7 +52,7 @@ class ChannelsLast(nn.Module):
     2-core CPU (batch 256, 64 channels at 28x28): max-pooling takes 40 ms in NCHW and 3.5 ms
     in NHWC, and the conv-pool tokenizer's forward 89 ms against 51 ms."""
 
-    def __init__(self, kernels: Kernels):
+    def __init__(self, kernels: TokenizerKernels):
         super().__init__()
         self.kernels = kernels
 
@@ -78,7 +78,7 @@ class PatchEmbed(nn.Module):
         PatchEmbed.registry[cls.name] = cls
 
     @staticmethod
-    def build(cfg: ViTConfig, kernels: Kernels) -> "PatchEmbed":
+    def build(cfg: TokenizerConfig, kernels: TokenizerKernels) -> "PatchEmbed":
         return PatchEmbed.registry[cfg.patch_embed](cfg, kernels)
 
     @classmethod
@@ -87,7 +87,7 @@ class PatchEmbed(nn.Module):
         return None
 
     @classmethod
-    def macs(cls, cfg: ViTConfig) -> int:
+    def macs(cls, cfg: TokenizerConfig) -> int:
         """Multiply-adds of one image's tokenization."""
         return cfg.num_patches * cfg.channels * cfg.patch_size**2 * cfg.dim
 
@@ -96,7 +96,7 @@ class ConvPatches(PatchEmbed):
     name, plain = "conv", True
     about = "'conv' or 'linear' (the plain patch projection)"
 
-    def __init__(self, cfg: ViTConfig, kernels: Kernels):
+    def __init__(self, cfg: TokenizerConfig, kernels: TokenizerKernels):
         super().__init__()
         self.proj = nn.Conv2d(cfg.channels, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
@@ -110,7 +110,7 @@ class LinearPatches(PatchEmbed):
 
     name, plain = "linear", True
 
-    def __init__(self, cfg: ViTConfig, kernels: Kernels):
+    def __init__(self, cfg: TokenizerConfig, kernels: TokenizerKernels):
         super().__init__()
         self.patch_size = cfg.patch_size
         self.proj = nn.Linear(cfg.channels * cfg.patch_size**2, cfg.dim)
@@ -126,7 +126,7 @@ class ShiftedPatches(PatchEmbed):
     name = "spt"
     about = "'spt' (shifted patch tokenization, Lee et al. 2021)"
 
-    def __init__(self, cfg: ViTConfig, kernels: Kernels):
+    def __init__(self, cfg: TokenizerConfig, kernels: TokenizerKernels):
         super().__init__()
         self.patch_size = cfg.patch_size
         patch_dim = 5 * cfg.channels * cfg.patch_size**2
@@ -138,7 +138,7 @@ class ShiftedPatches(PatchEmbed):
         return None if patch % 2 == 0 else f"shifts by half a patch: --patch-size must be even, got {patch}"
 
     @classmethod
-    def macs(cls, cfg: ViTConfig) -> int:
+    def macs(cls, cfg: TokenizerConfig) -> int:
         return 5 * super().macs(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -150,13 +150,13 @@ class ConvStem(PatchEmbed):
     name = "conv-stem"
     about = "'conv-stem' (a 3x3 conv first: overlapping patches)"
 
-    def __init__(self, cfg: ViTConfig, kernels: Kernels):
+    def __init__(self, cfg: TokenizerConfig, kernels: TokenizerKernels):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(cfg.channels, cfg.dim // 2, 3, padding=1), nn.GELU())
         self.proj = nn.Conv2d(cfg.dim // 2, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
     @classmethod
-    def macs(cls, cfg: ViTConfig) -> int:  # 3x3 conv to dim/2 channels at full resolution, then the patch conv
+    def macs(cls, cfg: TokenizerConfig) -> int:  # 3x3 conv to dim/2 channels at full resolution, then the patch conv
         d = cfg.dim
         return cfg.image_size**2 * cfg.channels * 9 * (d // 2) + cfg.num_patches * (d // 2) * cfg.patch_size**2 * d
 
@@ -172,7 +172,7 @@ class ConvPool(PatchEmbed):
     about = ("'conv-pool' (the CCT tokenizer, Hassani et al. 2021: log2(patch) stages of 3x3 conv + ReLU + "
              "3x3/2 max-pool)")
 
-    def __init__(self, cfg: ViTConfig, kernels: Kernels):
+    def __init__(self, cfg: TokenizerConfig, kernels: TokenizerKernels):
         super().__init__()
         stages, c = [], cfg.channels
         for _ in range(cfg.conv_pool_stages - 1):
@@ -188,7 +188,7 @@ class ConvPool(PatchEmbed):
             f"halves the image per stage: --patch-size must be 2, 4, 8 ..., got {patch}"
 
     @classmethod
-    def macs(cls, cfg: ViTConfig) -> int:  # 3x3 convs at full, half, ... resolution; the last one to dim channels
+    def macs(cls, cfg: TokenizerConfig) -> int:  # 3x3 convs at full, half, ... resolution; the last one to dim channels
         macs, c, side = 0, cfg.channels, cfg.image_size
         for stage in range(cfg.conv_pool_stages):
             out = cfg.dim if stage == cfg.conv_pool_stages - 1 else cfg.dim // 2
