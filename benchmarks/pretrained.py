@@ -50,8 +50,12 @@ def scratch_and_finetuned(args: argparse.Namespace, part: str, flags: list[str],
             for arm in ("scratch", "fine-tuned")}
 
 
+# fast-cifar10 as it was when the recorded series ran (AdamW, 2 warmup epochs; the preset trains with Muon since)
+AS_RECORDED = ["--optimizer", "adamw", "--warmup-epochs", "2"]
+
+
 def cifar10(args: argparse.Namespace, epochs: int) -> list[str]:
-    return ["--preset", "fast-cifar10", "--data-dir", args.data_dir, "--no-download", "--epochs", str(epochs)]
+    return ["--preset", "fast-cifar10", *AS_RECORDED, "--data-dir", args.data_dir, "--no-download", "--epochs", str(epochs)]
 
 
 def write_imbalanced(args: argparse.Namespace) -> Path:
@@ -85,7 +89,7 @@ def rare_classes(args: argparse.Namespace) -> list[str]:
 
 def imbalance(args: argparse.Namespace) -> dict:
     root = write_imbalanced(args)
-    flags = ["--preset", "fast-cifar10", "--dataset", "folder", "--data-dir", str(root), "--val-size", "0.1",
+    flags = ["--preset", "fast-cifar10", *AS_RECORDED, "--dataset", "folder", "--data-dir", str(root), "--val-size", "0.1",
              "--epochs", str(args.imbalance_epochs)]
     return {arm: [{**train_and_record([*flags, "--seed", str(s), "--class-weights", arm, *args.extra],
                                       args.runs / f"imbalance-{arm}-s{s}", args.fresh), "seed": s}

@@ -137,6 +137,24 @@ def table(runs: list[dict], targets: list[float]) -> str:
     return "\n".join(lines)
 
 
+def ema_against_raw(folders: list[Path]) -> str:
+    """Where the runs kept an EMA of their weights (each epoch evaluates both): the raw weights'
+    and the EMA's best and last validation accuracy, from each run's metrics.csv, a free A/B
+    of the EMA (it never changes what trains); '' where a run has none."""
+    metrics = [folder / "metrics.csv" for folder in folders]
+    if not all(m.is_file() for m in metrics):
+        return ""
+    runs = [read_metrics(m) for m in metrics]
+    if not all(rows and "val_ema_acc" in rows[0] for rows in runs):
+        return ""
+    acc = lambda rows, key: [float(r[key]) for r in rows]  # noqa: E731
+    best = {k: [max(acc(rows, k)) for rows in runs] for k in ("val_acc", "val_ema_acc")}
+    last = {k: [acc(rows, k)[-1] for rows in runs] for k in ("val_acc", "val_ema_acc")}
+    return (f"\n\nThe EMA against the raw weights (the same runs; each epoch validates both): best validation "
+            f"accuracy {mean_std(best['val_acc'])} raw, {mean_std(best['val_ema_acc'])} EMA; last epoch "
+            f"{mean_std(last['val_acc'])} raw, {mean_std(last['val_ema_acc'])} EMA.")
+
+
 def shown(path: Path) -> str:
     """``path`` as the repository names it (benchmarks/speedruns/...), where it is inside."""
     try:
@@ -191,7 +209,7 @@ def main() -> None:
         p.error("--baseline needs --budget: the conventional loop trains for a wall-clock time")
     name = "-".join(filter(None, ["conventional" if args.baseline else args.preset, args.label, args.budget]))
     runs = [run_seed(args.preset, s, args, args.runs / name / f"seed{s}") for s in args.seeds]
-    body = table(runs, args.targets)
+    body = table(runs, args.targets) + ema_against_raw([args.runs / name / f"seed{s}" for s in args.seeds])
     picture = args.runs / f"{name}.png"
     plot(runs, args.targets, f"{name} ({len(runs)} seeds)", picture)
     what = (f"the conventional loop: timm VisionTransformer at `{args.preset}`'s size, {runs[0]['recipe']}"

@@ -98,7 +98,7 @@ def test_speedrun_times_each_target_per_seed_and_summarises_them(tmp_path):
 
     cmd = [sys.executable, "benchmarks/speedrun.py", "digits", "--data-dir", str(tmp_path), "--seeds", "0", "1",
            "--targets", "0.3", "0.999", "--set", "epochs=6", "--set", "depth=1", "--set", "tta_flip=true",
-           "--set", "optimizer=muon",
+           "--set", "optimizer=muon", "--set", "ema_decay=0.9",
            "--label", "t", "--runs", str(tmp_path), "--no-record"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
@@ -110,6 +110,13 @@ def test_speedrun_times_each_target_per_seed_and_summarises_them(tmp_path):
     record = json.loads((tmp_path / "digits-t" / "seed0" / "speedrun.json").read_text())
     assert [round(a, 6) for _, a in record["curve"]] and all(s > 0 for s, _ in record["curve"])
     assert "--tta-flip" in record["command"] and (tmp_path / "digits-t.png").stat().st_size > 10_000
+    import csv
+    import statistics
+
+    best = {k: [max(float(r[k]) for r in csv.DictReader((tmp_path / "digits-t" / f"seed{s}" / "metrics.csv").read_text().splitlines()))
+                for s in (0, 1)] for k in ("val_acc", "val_ema_acc")}
+    assert (f"best validation accuracy {statistics.mean(best['val_acc']):.4f} ± {statistics.stdev(best['val_acc']):.4f} raw, "
+            f"{statistics.mean(best['val_ema_acc']):.4f} ± {statistics.stdev(best['val_ema_acc']):.4f} EMA") in first.stdout
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert "seed0: " in first.stdout and "seed0: " not in again.stdout and rows == [r for r in again.stdout.splitlines() if r.startswith("| ")]
 
@@ -154,3 +161,31 @@ def test_pretrained_series_compares_scratch_with_fine_tuned_and_balancing(tmp_pa
     assert again.returncode == 0 and "vitlab.cli train" not in again.stdout
     assert [r for r in again.stdout.splitlines() if r.startswith("| ")] == [
         r for r in first.stdout.splitlines() if r.startswith("| ")]
+
+
+def test_tta_series_flips_only_the_unsure_images_and_matches_vitlab_at_both_ends(tmp_path):
+    """benchmarks/tta.py on two real (tiny) digits runs: at t = 0 the accuracy of plain evaluation,
+    at t = 1 that of --tta-flip, the share flipped rising with t, one row per checkpoint and a mean."""
+    import sys
+
+    from vitlab.config import default_config
+    from vitlab.evaluate import evaluate_checkpoint
+    from vitlab.train import train
+
+    runs = []
+    for seed in (0, 1):
+        cfg = default_config().replace(out=str(tmp_path), name=f"s{seed}", seed=seed, epochs=3, depth=1,
+                                       tensorboard=False, precision="fp32")
+        runs.append(train(cfg, progress=False, log=lambda s: None).run_dir / "best")
+    cmd = [sys.executable, "benchmarks/tta.py", *map(str, runs), "--precision", "fp32", "--no-record"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith((f"| {tmp_path.name}/", "| mean"))]
+    assert [r[0] for r in rows] == [f"| {tmp_path.name}/s0", f"| {tmp_path.name}/s1", "| mean (n=2)"]
+    for run, row in zip(runs, rows):
+        never, always = float(row[1].split()[0]), float(row[7].split()[0])
+        assert never == pytest.approx(evaluate_checkpoint(run, tta_flip=False, precision="fp32")["Test"][1], abs=1e-4)
+        assert always == pytest.approx(evaluate_checkpoint(run, tta_flip=True, precision="fp32")["Test"][1], abs=1e-4)
+        shares = [float(cell.split("(")[1].rstrip("%)")) for cell in row[1:8]]
+        assert shares[0] == 0 and shares[-1] == 100 and shares == sorted(shares)

@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from vitlab import load_pretrained
 from vitlab.cli import cli
 from vitlab.errors import CheckpointError, ConfigError
-from vitlab.pretrained import resample_patch, resample_positions
+from vitlab.model import resample_positions
+from vitlab.pretrained import resample_patch
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 

@@ -158,7 +158,7 @@ def _recipe(tmp_path, name):
     return TrainConfig(out=str(tmp_path), name=name, epochs=3, depth=2, dim=32, heads=2, mlp_dim=64, batch_size=128, patch_size=2,
                        drop_path=0.1, layer_scale=1e-4, random_erasing=0.25, mixup_alpha=0.8, cutmix_alpha=1.0,
                        ema_decay=0.99, tta_flip=True, hflip=0.5, translate=1, trivial_augment=0.5, repeated_augment=2,
-                       log_every=3, device="cpu")  # bit-exact resume is promised on the CPU (README)
+                       progressive_size=4, progressive_epochs=2, log_every=3, device="cpu")  # bit-exact resume is promised on the CPU (README)
 
 
 def test_recipe_elements_train_report_ema_and_resume_exactly(tmp_path):

@@ -140,9 +140,10 @@ class BatchAugment:
         return self.crop or self.hflip > 0 or self.translate > 0
 
     def plan(self, n: int, height: int, width: int, generator: torch.Generator | None = None,
-             device: torch.device | str = "cpu") -> torch.Tensor | None:
+             device: torch.device | str = "cpu", size: int | None = None) -> torch.Tensor | None:
         """The crop + translation + flip of the next ``n`` images of size height x width, as
-        the coordinates ``resample`` reads, (n, 2, image_size); None when none is on.
+        the coordinates ``resample`` reads, (n, 2, size), ``size`` the output's side (default
+        image_size; what is drawn does not depend on it); None when none is on.
         A translation of up to ``translate`` pixels moves the box (the whole image, or the
         crop) by a whole number of pixels along each axis, drawn uniformly; drawn after the
         flips, so that runs without it draw exactly what they drew before it existed.
@@ -153,25 +154,29 @@ class BatchAugment:
         if not self.active:
             return None
         if self.crop:
-            corner, size = sample_crop_boxes(n, height, width, self.crop_scale, self.crop_ratio, generator, device)
+            corner, box = sample_crop_boxes(n, height, width, self.crop_scale, self.crop_ratio, generator, device)
         else:
             corner = torch.zeros(n, 2, device=device)
-            size = _pair(height, width, corner).expand(n, 2)
+            box = _pair(height, width, corner).expand(n, 2)
         flip = torch.rand(n, generator=generator, device=device) < self.hflip if self.hflip > 0 else None
         if self.translate > 0:
             corner = corner + torch.randint(-self.translate, self.translate + 1, (n, 2), generator=generator,
                                             device=device)
-        return crop_coordinates(corner, size, height, width, self.image_size, flip)
+        return crop_coordinates(corner, box, height, width, size or self.image_size, flip)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                 plan: torch.Tensor | None = None) -> torch.Tensor:
-        """Augment a uint8 (or float 0-255) batch; ``plan``: this batch's rows of a
-        ``plan(...)`` drawn in advance, else its crops and flips are drawn here."""
+                 plan: torch.Tensor | None = None, size: int | None = None) -> torch.Tensor:
+        """Augment a uint8 (or float 0-255) batch to ``size`` x ``size`` (default image_size);
+        ``plan``: this batch's rows of a ``plan(...)`` drawn in advance for that size, else its
+        crops and flips are drawn here."""
         x = images.float()
+        size = size or self.image_size
         if self.active:
             if plan is None:
-                plan = self.plan(len(x), x.shape[2], x.shape[3], generator, x.device)
+                plan = self.plan(len(x), x.shape[2], x.shape[3], generator, x.device, size)
             x = resample(x, plan)
+        elif x.shape[-1] != size or x.shape[-2] != size:  # no crop: resized as a crop of the whole image would be
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         if self.trivial_augment > 0:
             x = trivial_augment(x, generator, self.trivial_augment)
         x = self.normalize(x, owned=x is not images)

@@ -84,6 +84,8 @@ class TrainConfig(ArchConfig):
     trivial_augment: float = option(0.0, "probability that an image gets one TrivialAugment-Wide operation (0: off; 1: the published method)")
     repeated_augment: int = option(1, "repeated augmentation: each image appears N times per batch, each copy augmented differently (1: off)")
     random_erasing: float = option(0.0, "probability of erasing a random rectangle of each image (filled with noise)")
+    progressive_size: int = option(0, "progressive resizing (fast.ai, FFCV): the first --progressive-epochs train on images of this side (crops resized to it: fewer tokens, less work per step; the learned positions resampled to the smaller grid); validation, the rest of training and everything after at the full size (0: off)")
+    progressive_epochs: int = option(0, "epochs, from the first, trained at --progressive-size")
     mixup_alpha: float = option(0.0, "Mixup with Beta(alpha, alpha) mixing weights (0: off)")
     cutmix_alpha: float = option(0.0, "CutMix with Beta(alpha, alpha) area fractions (0: off; with mixup, each batch picks one)")
     ema_decay: float = option(0.0, "keep an exponential moving average of the weights with this decay, evaluated beside the raw weights (0: off; 0.999 is usual)")
@@ -149,10 +151,24 @@ class TrainConfig(ArchConfig):
         need(0 <= self.hflip <= 1, f"--hflip is a probability in [0, 1], got {self.hflip}")
         need(is_whole(self.translate) and 0 <= self.translate <= MAX_IMAGE_SIZE,
              f"--translate must be a whole number of pixels from 0 to {MAX_IMAGE_SIZE}, got {self.translate!r}")
+        self._validate_progressive()
         need(self.optimizer in ("adamw", "muon"), f"--optimizer must be adamw or muon, got {self.optimizer!r}")
         self._validate_finetuning()
         self._validate_runtime()
         return self
+
+    def _validate_progressive(self) -> None:
+        """Progressive resizing; that the size tiles into patches is checked once the image size is known."""
+        size, epochs = self.progressive_size, self.progressive_epochs
+        need(is_whole(size) and 0 <= size <= MAX_IMAGE_SIZE,
+             f"--progressive-size must be a whole number of pixels from 0 (off) to {MAX_IMAGE_SIZE}, got {size!r}")
+        need(is_whole(epochs) and 0 <= epochs, f"--progressive-epochs must be a whole number >= 0, got {epochs!r}")
+        need((size == 0) == (epochs == 0), "--progressive-size and --progressive-epochs go together: set both, or neither")
+        need(epochs < self.epochs or size == 0,
+             f"--progressive-epochs {epochs} leaves no epoch at the full size: it must be below --epochs {self.epochs}")
+        need(size == 0 or self.time_budget is None,
+             "--progressive-size and --time-budget do not go together: the budget plans from the pace of the first "
+             "steps, which changes with the image size")
 
     def _validate_finetuning(self) -> None:
         """Starting from other weights, and a user's own folder."""

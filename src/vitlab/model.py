@@ -390,19 +390,29 @@ class ViT(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> tokens (B, T, dim): patches, the class token first, positions added."""
+        """Images (B, C, H, W) -> tokens (B, T, dim): patches, the class token first, positions added.
+        Images smaller than the model's (training with --progressive-size) give a smaller grid,
+        whose positions are the learned ones resampled to it (FlexiViT; the gradient flows back)."""
         x = self.patch_embed(x)
+        pos = self.pos_embed
+        if x.shape[1] != self.cfg.num_patches:
+            pos = resample_positions(pos, self.num_prefix_tokens, self.cfg.grid, math.isqrt(x.shape[1]))
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed.to(x.dtype))
+        x = self.pos_drop(x + pos.to(x.dtype))
         return self.drop_patches(x) if self.training and self.cfg.patch_dropout > 0 else x
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens (timm's name): the class token, if any."""
+        return 0 if self.cls_token is None else 1
 
     def drop_patches(self, x: torch.Tensor) -> torch.Tensor:
         """Each image's tokens with a random ``kept_patches`` of its patch tokens, in random order
         (order carries nothing: the positions are added already); the class token kept. Drawn
         on the device from its global stream, like dropout, so a resumed run draws the same."""
-        prefix = 0 if self.cls_token is None else 1
-        keep = kept_patches(self.cfg)
+        prefix = self.num_prefix_tokens
+        keep = kept_patches(x.shape[1] - prefix, self.cfg.patch_dropout)
         order = torch.rand(x.shape[0], x.shape[1] - prefix, device=x.device).argsort(dim=1)[:, :keep]
         patches = x[:, prefix:].gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         return torch.cat([x[:, :prefix], patches], dim=1)
@@ -471,9 +481,19 @@ class ViT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def kept_patches(cfg: ViTConfig) -> int:
-    """Patch tokens a training image keeps under --patch-dropout (at least one)."""
-    return max(1, round(cfg.num_patches * (1.0 - cfg.patch_dropout)))
+def kept_patches(patches: int, patch_dropout: float) -> int:
+    """Patch tokens a training image of ``patches`` keeps under --patch-dropout (at least one)."""
+    return max(1, round(patches * (1.0 - patch_dropout)))
+
+
+def resample_positions(pos: torch.Tensor, prefix: int, old: int, new: int) -> torch.Tensor:
+    """The position embedding (1, prefix + old^2, D) of a new grid: the grid's embeddings
+    interpolated bicubically (antialiased when shrinking), the class token's kept."""
+    head, grid = pos[:, :prefix], pos[:, prefix:]
+    d = grid.shape[-1]
+    grid = grid.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new, new), mode="bicubic", antialias=new < old, align_corners=False)
+    return torch.cat([head, grid.permute(0, 2, 3, 1).reshape(1, new * new, d).to(pos.dtype)], dim=1)
 
 
 def flops_per_image(cfg: ViTConfig, training: bool = True, cls_only_last_block: bool = False) -> float:
@@ -483,7 +503,7 @@ def flops_per_image(cfg: ViTConfig, training: bool = True, cls_only_last_block: 
     skips the patch tokens' query projection, attention, output projection and MLP in the
     last block; without it, the architecture's FLOPs, as peers compute them. A training step
     with --patch-dropout computes the kept tokens only."""
-    n = cfg.num_tokens - (cfg.num_patches - kept_patches(cfg) if training else 0)
+    n = cfg.num_tokens - (cfg.num_patches - kept_patches(cfg.num_patches, cfg.patch_dropout) if training else 0)
     d, m = cfg.dim, cfg.mlp_dim
     patch = PatchEmbed.registry[cfg.patch_embed].macs(cfg)
     per_block = n * (3 * d * d + d * d + 2 * d * m) + 2 * n * n * d  # projections, MLP, QK^T and AV

@@ -24,7 +24,7 @@ from .checkpoint import MANIFEST, WEIGHTS, expected_tensors, open_checkpoint, sa
 from .errors import CheckpointError, ConfigError
 from .fileio import open_regular, printable, read_json
 from .interop import _HF_BLOCK_NAMES, _HF_NAMES
-from .model import ViT, ViTConfig
+from .model import ViT, ViTConfig, resample_positions
 from .tokenizers import PatchEmbed
 
 CONFIG_JSON = "config.json"
@@ -358,13 +358,3 @@ def resample_patch(weight: torch.Tensor, patch: int) -> torch.Tensor:
     inverse = torch.linalg.pinv(resize.T)  # (patch^2, old^2)
     flat = weight.double().reshape(-1, old * old)
     return (flat @ inverse.T).reshape(*weight.shape[:2], patch, patch).to(weight.dtype)
-
-
-def resample_positions(pos: torch.Tensor, prefix: int, old: int, new: int) -> torch.Tensor:
-    """The position embedding (1, prefix + old^2, D) of a new grid: the grid's embeddings
-    interpolated bicubically (antialiased when shrinking), the class token's kept."""
-    head, grid = pos[:, :prefix], pos[:, prefix:]
-    d = grid.shape[-1]
-    grid = grid.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(new, new), mode="bicubic", antialias=new < old, align_corners=False)
-    return torch.cat([head, grid.permute(0, 2, 3, 1).reshape(1, new * new, d).to(pos.dtype)], dim=1)

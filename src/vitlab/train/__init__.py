@@ -30,7 +30,7 @@ from .. import budget as budgets
 from ..config import TrainConfig
 from ..data import DatasetSplits, load_dataset
 from ..distributed import lost_peer
-from ..errors import NonFiniteLoss, TrainingInterrupted
+from ..errors import ConfigError, NonFiniteLoss, TrainingInterrupted
 from ..fileio import printable
 from ..inference import predict_logits
 from ..devices import matmul_peak
@@ -135,6 +135,9 @@ def fix_length(folder: RunFolder, setup: Setup, budget: TimeBudget, log: Callabl
         log(budget.note())
     if cfg.max_steps:
         cfg = cfg.replace(epochs=budgets.epochs_for(cfg.max_steps, setup.steps_per_epoch))
+        if cfg.progressive_epochs >= cfg.epochs:
+            raise ConfigError(f"--max-steps {cfg.max_steps} ends within the --progressive-epochs "
+                              f"{cfg.progressive_epochs} ({setup.steps_per_epoch} steps each): no step at the full size")
         setup.reschedule(cfg)
     folder.cfg = cfg
 
@@ -144,7 +147,7 @@ def header(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: Comput
     text = (f"vitlab: {cfg.dataset} {len(data.train)}/{len(data.val)}/{len(data.test)} train/val/test images "
             f"{data.channels}x{data.image_size}x{data.image_size}, {len(data.classes)} classes | "
             f"ViT {setup.model.num_params() / 1e6:.2f}M params, {setup.meta.model.num_patches} patches, "
-            f"{setup.flops_per_image / 1e9:.3f} GFLOP/img/step | {compute.describe()} | {printable(folder.dir)}")
+            f"{setup.flops_in(cfg.epochs - 1) / 1e9:.3f} GFLOP/img/step | {compute.describe()} | {printable(folder.dir)}")
     if cfg.compile and compute.device.type == "cpu" and compute.amp_dtype is not None:
         text += ("\nwarning: --compile with bf16 on CPU trained to 3-10 points lower accuracy than eager in our "
                  "measurements (tests/test_speed_paths.py) for a 3-5% speed-up; consider --precision fp32 or no --compile")

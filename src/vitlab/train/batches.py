@@ -38,10 +38,11 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device, repeats: in
 
 
 def crop_plans(augment: BatchAugment, seed: int, epoch: int, first: int, steps: int, batch_size: int,
-               image_hw: tuple[int, int], device: torch.device) -> Iterator[torch.Tensor | None]:
-    """Each batch's crop + flip plan for batches ``first`` to ``steps`` - 1 of an epoch,
-    drawn PLAN_IMAGES at a time. Each block is a pure function of (seed, epoch, block),
-    like ``epoch_order``, so a resumed run crops exactly as the uninterrupted one would."""
+               image_hw: tuple[int, int], device: torch.device, size: int | None = None) -> Iterator[torch.Tensor | None]:
+    """Each batch's crop + flip plan (to ``size``, default the augmentation's) for batches
+    ``first`` to ``steps`` - 1 of an epoch, drawn PLAN_IMAGES at a time. Each block is a pure
+    function of (seed, epoch, block), like ``epoch_order``, so a resumed run crops exactly as
+    the uninterrupted one would."""
     per_block = max(1, PLAN_IMAGES // batch_size)
     block = None
     for b in range(first, steps):
@@ -49,7 +50,7 @@ def crop_plans(augment: BatchAugment, seed: int, epoch: int, first: int, steps: 
             # (+ 7: not the seed epoch_order uses for the same seed and epoch)
             g = torch.Generator(device=device).manual_seed(((seed * 1_000_003 + epoch) * 65_537 + b // per_block + 7)
                                                            % 2**63)
-            block = augment.plan(per_block * batch_size, *image_hw, g, device)
+            block = augment.plan(per_block * batch_size, *image_hw, g, device, size)
         yield None if block is None else block[(b % per_block) * batch_size:][:batch_size]
 
 
@@ -66,8 +67,10 @@ class Batches:
     images on the device, augmented and mixed as a whole, this rank's ``rows`` handed out."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: BatchAugment, batch_size: int,
-                 seed: int, repeats: int, mixup: float, cutmix: float, num_classes: int, rows: slice):
+                 seed: int, repeats: int, mixup: float, cutmix: float, num_classes: int, rows: slice,
+                 low_res: tuple[int, int] = (0, 0)):
         self.images, self.labels, self.augment = images, labels, augment
+        self.low_res = low_res  # (side, epochs): the first epochs' images at that side (--progressive-size)
         self.batch_size, self.seed, self.repeats, self.rows = batch_size, seed, repeats, rows
         self.mixup, self.cutmix, self.num_classes = mixup, cutmix, num_classes
         self.steps_per_epoch = len(labels) // batch_size  # the ragged last batch is dropped: static shapes
@@ -76,19 +79,26 @@ class Batches:
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
         self.host = np.random.default_rng([seed, 17])
 
+    def size_in(self, epoch: int) -> int:
+        """The side of epoch ``epoch``'s training images (0-based): a pure function of it, so a
+        resumed run trains at the size the uninterrupted one did."""
+        side, epochs = self.low_res
+        return side if epoch < epochs else self.augment.image_size
+
     def epoch(self, epoch: int, first: int, length: Callable[[], int]) -> Iterator[Batch]:
         """The batches of ``epoch`` from batch ``first``, as long as ``length()`` (asked before
         each batch: a --time-budget run may change it) says the epoch lasts."""
         device, bs = self.images.device, self.batch_size
         order = epoch_order(len(self.labels), self.seed, epoch, device, self.repeats)
+        size = self.size_in(epoch)
         plans = crop_plans(self.augment, self.seed, epoch, first, self.steps_per_epoch, bs, self.images.shape[2:],
-                           device)
+                           device, size)
         for b, plan in zip(itertools.count(first), plans):
             if b >= length():
                 return
             idx = order[b * bs: (b + 1) * bs]
             # index_select, not images[idx]: 6 us instead of 105 us for a CIFAR batch on CPU
-            x = self.augment(self.images.index_select(0, idx), self.generator, plan)
+            x = self.augment(self.images.index_select(0, idx), self.generator, plan, size)
             y = self.labels.index_select(0, idx)
             target = y
             if self.mixup > 0 or self.cutmix > 0:  # soft targets; accuracy still counts the dominant label

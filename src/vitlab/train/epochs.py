@@ -89,7 +89,7 @@ def epoch_with_progress(folder: RunFolder, setup: Setup, state: TrainState, comp
         flush_step_losses(folder, compute, state, pending)
         if folder.board is not None:
             folder.board.scalar(metrics.THROUGHPUT, rate, state.step)
-        mfu = f" MFU {mfu_percent(rate, setup.flops_per_image, peak, compute.dist.world):.0f}%" if peak else ""
+        mfu = f" MFU {mfu_percent(rate, setup.flops_in(state.epoch), peak, compute.dist.world):.0f}%" if peak else ""
         left = (setup.total_steps - state.step) * setup.batches.batch_size / max(rate, 1e-9)  # at this speed
         bar.set_postfix_str(f"loss {loss_sum / max(seen, 1):.4f} acc {correct / max(seen, 1):.4f} "
                             f"{rate:,.0f} img/s{mfu} | run ETA {format_duration(left)}")

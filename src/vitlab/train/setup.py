@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from ..data import DatasetSplits
 from ..devices import check_fits
 from ..distributed import Dist
 from ..errors import ConfigError
+from ..options import need
 from ..model import (TRAINING_ONLY, ArchConfig, Kernels, ViT, ViTConfig, check_patch_fits, default_patch_size,
                      flops_per_image)
 from ..weight_init import apply_init
@@ -46,6 +47,25 @@ def pretrained_arch(cfg: TrainConfig, image_size: int) -> TrainConfig:
     patch = cfg.patch_size or patch_for(image_size, src.patch_size)
     arch = {f.name: getattr(src, f.name) for f in fields(ArchConfig) if f.name not in (*TRAINING_ONLY, "patch_size")}
     return cfg.replace(**arch, norm_eps=src.norm_eps, patch_size=patch).validate()
+
+
+def build_batches(cfg: TrainConfig, data: DatasetSplits, model_cfg: ViTConfig, normalize: Normalize,
+                  batch_size: int, device: torch.device, dist: Dist) -> Batches:
+    """The training images on the device as uint8, with their augmentation; with
+    --progressive-size, the first epochs' images at that side, which must tile into patches."""
+    size = cfg.progressive_size
+    if size:
+        check_patch_fits(size, model_cfg.patch_size, f"--progressive-size {size}")
+        need(size < data.image_size, f"--progressive-size {size} must be below the image size {data.image_size}")
+    augment = BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip,
+                           cfg.random_erasing, cfg.trivial_augment, cfg.translate)
+    images = data.train.images
+    check_fits(images.nbytes + data.train.labels.nbytes, device,
+               f"the training set as uint8 ({len(images)} images of {'x'.join(map(str, images.shape[1:]))})",
+               "lower --image-size, or train on the CPU (--device cpu)")
+    return Batches(images.to(device), data.train.labels.to(device), augment, batch_size, cfg.seed,
+                   cfg.repeated_augment, cfg.mixup_alpha, cfg.cutmix_alpha, model_cfg.num_classes,
+                   dist.rows(batch_size), (size, cfg.progressive_epochs))
 
 
 def initial_weights(model: ViT, folder: str) -> dict:
@@ -180,7 +200,6 @@ class Setup:
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
-    flops_per_image: float  # the work one training image costs, as computed (class-token shortcut included)
 
     @classmethod
     def build(cls, cfg: TrainConfig, data: DatasetSplits, device: torch.device, kernels: Kernels,
@@ -212,15 +231,7 @@ class Setup:
             step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         if cfg.compile:
             step_model = torch.compile(step_model)
-        augment = BatchAugment(normalize, data.image_size, cfg.crop, cfg.crop_scale, cfg.crop_ratio, cfg.hflip,
-                               cfg.random_erasing, cfg.trivial_augment, cfg.translate)
-        images = data.train.images
-        check_fits(images.nbytes + data.train.labels.nbytes, device,
-                   f"the training set as uint8 ({len(images)} images of {'x'.join(map(str, images.shape[1:]))})",
-                   "lower --image-size, or train on the CPU (--device cpu)")
-        batches = Batches(images.to(device), data.train.labels.to(device), augment, batch_size, cfg.seed,
-                          cfg.repeated_augment, cfg.mixup_alpha, cfg.cutmix_alpha, model_cfg.num_classes,
-                          dist.rows(batch_size))
+        batches = build_batches(cfg, data, model_cfg, normalize, batch_size, device, dist)
         steps = batches.steps_per_epoch
         scaler = gradient_scaler(device, amp_dtype)
         return cls(
@@ -239,8 +250,14 @@ class Setup:
             steps_per_epoch=steps,
             total_steps=schedule_steps(cfg, steps),
             warmup_steps=warmup_steps(cfg, steps),
-            flops_per_image=flops_per_image(model_cfg, training=True, cls_only_last_block=kernels.cls_only_last_block),
         )
+
+    def flops_in(self, epoch: int) -> float:
+        """The work one training image of epoch ``epoch`` costs, as computed: the class-token
+        shortcut, and the smaller images of --progressive-size, counted."""
+        cfg, size = self.meta.model, self.batches.size_in(epoch)
+        cfg = cfg if size == cfg.image_size else replace(cfg, image_size=size)
+        return flops_per_image(cfg, training=True, cls_only_last_block=self.model.kernels.cls_only_last_block)
 
     def origin_record(self) -> dict:
         """What a checkpoint's manifest keeps of where the run's first weights came from."""
