@@ -7,6 +7,8 @@ the mean and spread over seeds, printed, appended to HISTORY.md, and drawn as on
     python benchmarks/speedrun.py fast-cifar10 --data-dir /work/data --seeds 0 1 2 --targets 0.75 0.8
     python benchmarks/speedrun.py fast-cifar10 --data-dir /work/data --seeds 0 1 2 --budget 5m \\
         --label muon --set optimizer=muon                      # one arm of an A/B at a short budget
+    python benchmarks/speedrun.py fast-cifar10 --data-dir /work/data --seeds 0 --baseline --budget 26m \\
+        --against fast-cifar10-muon-15ep       # the conventional loop, and its time to each accuracy against vitlab's
 
 Every run is a real ``vitlab train`` command in its own process, run while nothing else runs.
 The rate of a 2048x2048 bf16 matrix product (best of 20) is measured before each run: the
@@ -112,11 +114,13 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((s for s, acc in curve if acc >= target), None)
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], places: int | None = None) -> str:
+    """'mean ± std'; accuracies (all <= 1) to 4 places and seconds to whole ones unless ``places`` says."""
     if not values:
         return "-"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.4f} ± {sd:.4f}" if max(values) <= 1 else f"{statistics.mean(values):.0f} ± {sd:.0f}"
+    places = (4 if max(values) <= 1 else 0) if places is None else places
+    return f"{statistics.mean(values):.{places}f} ± {sd:.{places}f}"
 
 
 def table(runs: list[dict], targets: list[float]) -> str:
@@ -153,6 +157,22 @@ def ema_against_raw(folders: list[Path]) -> str:
     return (f"\n\nThe EMA against the raw weights (the same runs; each epoch validates both): best validation "
             f"accuracy {mean_std(best['val_acc'])} raw, {mean_std(best['val_ema_acc'])} EMA; last epoch "
             f"{mean_std(last['val_acc'])} raw, {mean_std(last['val_ema_acc'])} EMA.")
+
+
+def side_by_side(runs: list[dict], other: list[dict], name: str, targets: list[float]) -> str:
+    """Time to the same validation accuracy, these runs against ``other`` (another series, read
+    from its records: vitlab against the conventional loop is the issue's headline): at each
+    target, and at the highest accuracy every run of both series reached, the mean seconds of
+    each on its training clock and their ratio; levels a run never reached are left out."""
+    common = round(min(max(a for _, a in r["curve"]) for r in runs + other), 4)
+    lines = [f"| validation accuracy | this series: s | {name}: s | ratio (this / {name}) |", "|---|---|---|---|"]
+    for level in sorted({*targets, common}):
+        ours, theirs = [time_to(r["curve"], level) for r in runs], [time_to(r["curve"], level) for r in other]
+        if None in ours or None in theirs:
+            continue
+        lines.append(f"| {level:.4f}{' (the highest all reached)' if level == common else ''} | {mean_std(ours, 1)} | "
+                     f"{mean_std(theirs, 1)} | {statistics.mean(ours) / statistics.mean(theirs):.2f} |")
+    return f"\n\nTime to the same accuracy, against `{name}` ({len(other)} runs):\n\n" + "\n".join(lines)
 
 
 def shown(path: Path) -> str:
@@ -203,13 +223,20 @@ def main() -> None:
     p.add_argument("--baseline", action="store_true",
                    help="run the conventional timm loop (benchmarks/conventional.py) for --budget instead of vitlab")
     p.add_argument("--runs", type=Path, default=RUNS, help="where the run folders and the plot go")
+    p.add_argument("--against", metavar="NAME",
+                   help="another series' folder under --runs (e.g. fast-cifar10-muon-15ep): time to the same accuracy")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     if args.baseline and not args.budget:
         p.error("--baseline needs --budget: the conventional loop trains for a wall-clock time")
+    other = sorted((args.runs / args.against).glob("seed*/speedrun.json")) if args.against else []
+    if args.against and not other:
+        p.error(f"--against {args.against}: no finished runs (seed*/speedrun.json) under {args.runs / args.against}")
     name = "-".join(filter(None, ["conventional" if args.baseline else args.preset, args.label, args.budget]))
     runs = [run_seed(args.preset, s, args, args.runs / name / f"seed{s}") for s in args.seeds]
     body = table(runs, args.targets) + ema_against_raw([args.runs / name / f"seed{s}" for s in args.seeds])
+    if other:
+        body += side_by_side(runs, [json.loads(f.read_text()) for f in other], args.against, args.targets)
     picture = args.runs / f"{name}.png"
     plot(runs, args.targets, f"{name} ({len(runs)} seeds)", picture)
     what = (f"the conventional loop: timm VisionTransformer at `{args.preset}`'s size, {runs[0]['recipe']}"

@@ -119,6 +119,20 @@ def test_speedrun_times_each_target_per_seed_and_summarises_them(tmp_path):
             f"{statistics.mean(best['val_ema_acc']):.4f} ± {statistics.stdev(best['val_ema_acc']):.4f} EMA") in first.stdout
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert "seed0: " in first.stdout and "seed0: " not in again.stdout and rows == [r for r in again.stdout.splitlines() if r.startswith("| ")]
+    # time to the same accuracy against another series (here seed 0 against both seeds), from the records
+    one = [*cmd[:cmd.index("--seeds") + 1], "0", *cmd[cmd.index("--seeds") + 3:]]
+    side = subprocess.run([*one, "--against", "digits-t"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert side.returncode == 0 and "seed0: " not in side.stdout, side.stderr[-3000:]
+    runs = [json.loads((tmp_path / "digits-t" / f"seed{s}" / "speedrun.json").read_text()) for s in (0, 1)]
+    reach = [next(t for t, a in r["curve"] if a >= 0.3) for r in runs]
+    assert (f"| 0.3000 | {reach[0]:.1f} ± 0.0 | {statistics.mean(reach):.1f} ± {statistics.stdev(reach):.1f} | "
+            f"{reach[0] / statistics.mean(reach):.2f} |") in side.stdout
+    common = min(max(a for _, a in r["curve"]) for r in runs)
+    assert f"| {common:.4f} (the highest all reached) |" in side.stdout and "| 0.9990 |" not in side.stdout
+    missing = subprocess.run([*one, "--against", "nothing-here"], cwd=REPO, capture_output=True, text=True,
+                             timeout=120, env=env)
+    assert missing.returncode == 2 and "--against nothing-here: no finished runs" in missing.stderr
 
 
 def test_pretrained_series_compares_scratch_with_fine_tuned_and_balancing(tmp_path):

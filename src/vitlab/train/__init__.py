@@ -149,6 +149,7 @@ def header(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: Comput
             f"ViT {setup.model.num_params() / 1e6:.2f}M params, {setup.meta.model.num_patches} patches, "
             f"{setup.flops_in(cfg.epochs - 1) / 1e9:.3f} GFLOP/img/step | {compute.describe()} | {printable(folder.dir)}")
     if cfg.compile and compute.device.type == "cpu" and compute.amp_dtype is not None:
-        text += ("\nwarning: --compile with bf16 on CPU trained to 3-10 points lower accuracy than eager in our "
-                 "measurements (tests/test_speed_paths.py) for a 3-5% speed-up; consider --precision fp32 or no --compile")
+        text += ("\nwarning: --compile with bf16 on CPU trained the digits to 3-10 points lower accuracy than eager "
+                 "(tests/test_speed_paths.py) and ended no CIFAR-10 run sooner in our measurements (benchmarks/RESULTS.md); "
+                 "consider --precision fp32 or no --compile")
     return text
