@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import publish  # noqa: E402
-from speedrun import save_plot, shown, train_and_record  # noqa: E402
+from speedrun import best_acc, mean_std, save_plot, shown, train_and_record  # noqa: E402
 
 RUNS = Path(__file__).with_name("speedruns") / "pretrained"
 PARTS = ("pretrain", "fewshot", "full", "imbalance")
@@ -97,11 +97,6 @@ def imbalance(args: argparse.Namespace) -> dict:
             for arm in ("none", "balanced")}
 
 
-def mean_std(values: list[float], digits: int = 4) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
-
-
 def recall_of(run: dict, names: set[str]) -> float:
     return statistics.mean(r for c, r in zip(run["classes"], run["per_class_recall"]) if c in names)
 
@@ -118,7 +113,7 @@ def arms_table(arms: dict, rare: set[str] | None = None) -> str:
         if rare:
             cells += [mean_std([recall_of(r, rare) for r in runs]),
                       mean_std([recall_of(r, set(r["classes"]) - rare) for r in runs])]
-        cells += [mean_std([max(a for _, a in r["curve"]) for r in runs]), str(runs[0]["epochs"]),
+        cells += [mean_std([best_acc(r) for r in runs]), str(runs[0]["epochs"]),
                   mean_std([r["wall_s"] for r in runs], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -114,6 +114,11 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return next((s for s, acc in curve if acc >= target), None)
 
 
+def best_acc(run: dict) -> float:
+    """A run's best validation accuracy (raw or EMA) over its curve."""
+    return max(acc for _, acc in run["curve"])
+
+
 def mean_std(values: list[float], places: int | None = None) -> str:
     """'mean ± std'; accuracies (all <= 1) to 4 places and seconds to whole ones unless ``places`` says."""
     if not values:
@@ -129,12 +134,12 @@ def table(runs: list[dict], targets: list[float]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         reach = [time_to(r["curve"], t) for t in targets]
-        lines.append(f"| {r['seed']} | {r['epochs']} | {r['test_acc']:.4f} | {max(a for _, a in r['curve']):.4f} | "
+        lines.append(f"| {r['seed']} | {r['epochs']} | {r['test_acc']:.4f} | {best_acc(r):.4f} | "
                      + " | ".join("-" if s is None else f"{s:.0f}" for s in reach)
                      + f" | {r['wall_s']:.0f} | {r['bf16_gflops']:.0f} |")
     reached = [[time_to(r["curve"], t) for r in runs] for t in targets]
     lines.append(f"| mean ± std (n={len(runs)}) | | {mean_std([r['test_acc'] for r in runs])} | "
-                 f"{mean_std([max(a for _, a in r['curve']) for r in runs])} | "
+                 f"{mean_std([best_acc(r) for r in runs])} | "
                  + " | ".join(f"{mean_std([s for s in ss if s is not None])} ({sum(s is not None for s in ss)}/{len(ss)})"
                               for ss in reached)
                  + f" | {mean_std([r['wall_s'] for r in runs])} | {mean_std([r['bf16_gflops'] for r in runs])} |")
@@ -164,7 +169,7 @@ def side_by_side(runs: list[dict], other: list[dict], name: str, targets: list[f
     from its records: vitlab against the conventional loop is the issue's headline): at each
     target, and at the highest accuracy every run of both series reached, the mean seconds of
     each on its training clock and their ratio; levels a run never reached are left out."""
-    common = round(min(max(a for _, a in r["curve"]) for r in runs + other), 4)
+    common = round(min(best_acc(r) for r in runs + other), 4)
     lines = [f"| validation accuracy | this series: s | {name}: s | ratio (this / {name}) |", "|---|---|---|---|"]
     for level in sorted({*targets, common}):
         ours, theirs = [time_to(r["curve"], level) for r in runs], [time_to(r["curve"], level) for r in other]
