@@ -114,6 +114,26 @@ def test_digits_dataset_is_real_and_offline():
     assert d.train.images.shape[1:] == (1, 8, 8) and int(d.train.images.max()) == 255
 
 
+def test_digits_are_read_without_importing_scikit_learn_and_equal_its_own(monkeypatch):
+    """The file scikit-learn ships, read directly, is what its load_digits returns; where the
+    file is damaged, vitlab goes through scikit-learn instead."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits as sk_digits
+
+    from vitlab import data
+
+    code = "import sys; from vitlab.data import load_digits; load_digits(); print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    images, classes = data.load_digits()
+    d = sk_digits()
+    assert torch.equal(images.labels, torch.from_numpy(d.target.astype(np.int64))) and classes == list("0123456789")
+    assert torch.equal(images.images, torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8)[:, None]))
+    monkeypatch.setattr(data, "DIGITS_SHAPE", (1797, 64))  # as if the file were not what it should be
+    assert torch.equal(data.load_digits()[0].images, images.images)
+
+
 # ----------------------------------------------------------- broken inputs
 
 def _corrupt(path: Path, data: bytes) -> None:

@@ -135,7 +135,8 @@ def test_bad_durations_are_one_line(bad):
 
 
 @pytest.mark.parametrize("budget, steps", [(100.0, 811), (12.0, 46)])
-def test_a_budget_plan_fills_the_time_left_with_whole_epochs_then_a_partial_one(budget, steps):
+def test_a_budget_plan_fills_the_time_left_with_whole_epochs_then_a_partial_one(budget, steps, monkeypatch):
+    monkeypatch.setattr(budgets, "REPORT_SECONDS", 5.0)  # the report's fixed part, as the arithmetic below counts it
     # 0.1 s a step, 100 steps an epoch, 1 s of validation after each, 5.832 s of final report:
     # 8 whole epochs (88 s) and 11 steps of a ninth in 96 s; in 11.52 s, 46 steps of the first
     plan = budgets.plan(budget, 0.1, 1e-3, 100, 1000, 0, 1, 1, max_steps=10**9, since=time.perf_counter())
@@ -145,7 +146,8 @@ def test_a_budget_plan_fills_the_time_left_with_whole_epochs_then_a_partial_one(
     assert budgets.plan(budget, 0.1, 1e-3, 100, 1000, 0, 1, 1, max_steps=40, since=time.perf_counter()).steps == 40
 
 
-def test_a_budget_is_replanned_whenever_the_pace_the_run_keeps_moves_its_end():
+def test_a_budget_is_replanned_whenever_the_pace_the_run_keeps_moves_its_end(monkeypatch):
+    monkeypatch.setattr(budgets, "REPORT_SECONDS", 5.0)  # the report's fixed part, as the arithmetic below counts it
     # as planned: 0.1 s a step, 100 steps an epoch, 1 s per epoch end, 5.832 s of report; 811 steps end at 96 s
     plan = budgets.plan(100.0, 0.1, 1e-3, 100, 1000, 0, 1, 1, max_steps=10**9, since=time.perf_counter())
     assert plan.steps == 811
@@ -160,6 +162,59 @@ def test_a_budget_is_replanned_whenever_the_pace_the_run_keeps_moves_its_end():
     assert plan.replan(210, 2, 0.01, 0.5, 42.0) is None  # earlier than the aim, but re-planned 2 s ago
     assert plan.replan(1100, 11, 0.3, 0.5, 95.0) == 1100  # out of time: the run ends where it is
     assert "811 steps fit" in plan.describe() and plan.describe().count("re-planned at step") == 3
+
+
+def test_the_report_is_taken_to_slow_down_as_one_thread_among_the_processes_beside_it(monkeypatch):
+    monkeypatch.setattr(budgets, "REPORT_SECONDS", 5.0)  # the report's fixed part, as the arithmetic below counts it
+    plan = budgets.plan(100.0, 0.1, 1e-3, 100, 1000, 0, 1, 1, max_steps=10**9, since=time.perf_counter())
+    assert plan.replan(90, 0, 0.1, None, 9.0, report_slowdown=1.0) is None  # on pace, nobody beside it
+    # the steps keep their pace on the thread left free, but the report's one thread shares the cores with the
+    # others: twice as slow (11.664 s). 763 steps (8 epoch ends) end at 95.964 s; 764 at 96.064 s
+    assert plan.replan(90, 0, 0.1, None, 9.0, report_slowdown=2.0) == 763
+    share = budgets.CoreShare()
+    share.cores = 2
+    for busy, queued, slowdown in ((0.0, 0, 1.0), (1.0, 0, 1.0), (3.0, 0, 2.0), (1.8, 5, 3.0), (0.0, 3, 2.0)):
+        share.busy = busy  # cores' worth of busy time, which cannot pass the cores: the run queue tells more
+        assert share.one_thread_slowdown(queued) == slowdown
+
+
+def test_the_run_queue_counts_the_threads_of_other_processes(tmp_path):
+    if budgets.CoreShare.runnable() is None:
+        pytest.skip("reads /proc/stat")
+    share = budgets.CoreShare()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(share.cores + 2)]
+    try:
+        time.sleep(1.0)
+        share.read_queue(own=1, readings=5)
+        queued = share.queued()
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    # more than busy time can show (at most the cores); the other test worker may add to it
+    assert queued >= share.cores + 1, queued
+    assert share.one_thread_slowdown(queued) >= (share.cores + 2) / share.cores
+
+
+def test_a_budget_with_no_room_left_for_the_attention_figure_leaves_it_out(tmp_path, monkeypatch):
+    """Fifty cores' worth of other processes, as /proc/stat would show them: the run re-plans to end
+    where it is, and the report draws what it must (the table, the curves, the predictions) but
+    not attention.png, and says so."""
+    def crowded(share):
+        share.busy = 50.0
+        return share.busy
+
+    monkeypatch.setattr(budgets.CoreShare, "others", crowded)
+    lines = []
+    cfg = default_config().replace(out=str(tmp_path), name="c", time_budget="20s", **TINY)
+    t = time.monotonic()
+    run = train(cfg, progress=False, log=lines.append).run_dir
+    assert time.monotonic() - t < 20
+    assert "re-planned at step" in (run / "config.yaml").read_text()
+    assert {"loss_curve.png", "predictions.png", "confusion.png"} <= {p.name for p in run.iterdir()}
+    assert not (run / "attention.png").exists()
+    assert "no attention.png (no room left in the time budget; `vitlab explain" in (run / "results.md").read_text()
+    assert any(line.startswith("time budget: attention.png left out") for line in lines), lines
 
 
 def test_the_pace_leaves_epoch_ends_out_and_forgets_old_steps():

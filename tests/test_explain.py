@@ -254,3 +254,26 @@ def test_every_run_writes_an_attention_figure(digits_run):
     with Image.open(digits_run / "attention.png") as im:
         assert im.format == "PNG" and im.width > 600
     assert "[attention.png](attention.png)" in (digits_run / "results.md").read_text()
+
+
+def test_a_tile_grid_shows_each_pixel_as_a_square_the_heat_over_it_and_mistakes_framed(tmp_path):
+    """The grids (predictions.png, attention.png, the explain command's) are one picture: each
+    source pixel a sharp square, a heatmap blended over it, a red frame round a mistake."""
+    import numpy as np
+
+    from vitlab import report
+
+    image = torch.tensor([[[0, 255], [255, 0]]], dtype=torch.uint8)  # a grey 2x2 checkerboard
+    pixels = report.tile_pixels(report.Tile(image, "", ""), 6)
+    assert pixels.shape == (6, 6, 3) and (pixels[:3, :3] == 0).all() and (pixels[:3, 3:] == 1).all()
+    heat = report.tile_pixels(report.Tile(image, "", "", heat=torch.tensor([[0.0, 0.0], [0.0, 1.0]])), 6)
+    assert heat[5, 5, 0] > heat[0, 0, 0] and heat[0, 0, 2] > heat[5, 5, 2]  # jet: red where hot, blue where cold
+    assert np.allclose(heat[0, 0], 0.45 * np.array([0.0, 0.0, 0.5]), atol=0.01)  # cold: jet's dark blue at 45%
+    tiles = [report.Tile(torch.full((3, 4, 4), 255, dtype=torch.uint8), "right", "true: a"),
+             report.Tile(torch.full((3, 4, 4), 255, dtype=torch.uint8), "wrong", "true: b", mistake=True)]
+    report.plot_tiles(tiles, tmp_path / "grid.png", "two tiles", cols=2)
+    with Image.open(tmp_path / "grid.png") as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    red = (rgb[..., 0] > 180) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)  # tab:red: the frame (black text)
+    columns = red.nonzero()[1]
+    assert red.sum() > 100 and columns.min() > rgb.shape[1] // 2  # a frame, round the second tile only

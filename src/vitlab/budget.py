@@ -32,7 +32,10 @@ WINDOW = 0.15  # the pace is measured over this share of the budget
 MIN_SPAN = 0.03  # ... and trusted once it spans this share of it (at least MIN_SECONDS): early steps are noisy
 MIN_SECONDS = 2.0
 SHARE_SECONDS = 1.0  # the cores' use by others is measured over at least this
-REPORT_SECONDS = 5.0  # drawing the figures, results.md, the last checkpoint: the part that does not scale with the model
+QUEUE_READINGS = 16  # readings of the run queue (one a log interval, five before the report) whose median counts
+# drawing the figures, results.md, the last checkpoint: the part that does not scale with the model
+# (measured 2.0-2.9 s in a fresh process, digits, 2-core Intel Xeon)
+REPORT_SECONDS = 3.0
 # attention.png explains 32 test images: a forward and backward pass and 22 forward passes of its deletion
 # scores per image, about 26 evaluations of each of them
 REPORT_IMAGE_PASSES = 26 * 32
@@ -116,15 +119,17 @@ class Plan:
         return self.started + self.steps * self.step_seconds + self.epochs * self.epoch_end_seconds + self.final_seconds
 
     def replan(self, step: int, epochs_done: int, seconds_per_step: float, epoch_end: float | None,
-               elapsed: float) -> int | None:
+               elapsed: float, report_slowdown: float = 0.0) -> int | None:
         """The step count that the pace the run keeps (``seconds_per_step``, epoch ends apart;
         ``epoch_end``: their measured mean, None before the first) fits into what is left of the
         budget after ``elapsed`` seconds, when the end it predicts has left the budget (later by
         LATE of it, or earlier by EARLY); else None. The final report is taken to slow down as
-        much as the steps have against the calibration."""
+        much as the steps have against the calibration, or as ``report_slowdown`` says where that
+        is more (0: unknown): the figures are one thread of Python, which other processes slow
+        down more than steps on the threads they leave free."""
         slowdown = min(20.0, max(0.5, seconds_per_step / max(self.step_seconds, 1e-9)))
-        final = self.final_seconds * slowdown
         end = epoch_end if epoch_end is not None else self.epoch_end_seconds * slowdown
+        final = self.final_seconds * min(20.0, max(slowdown, report_slowdown))
         current = self.latest or self.steps
         aim = self.budget * SAFETY
 
@@ -229,6 +234,8 @@ class CoreShare:
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
         self.last = self._read()
+        self.busy = 0.0  # the cores others kept busy at the last reading
+        self.queue: deque[int] = deque(maxlen=QUEUE_READINGS)  # others' threads in the run queue, recently
 
     @staticmethod
     def _read() -> tuple[float, float, float] | None:
@@ -248,7 +255,43 @@ class CoreShare:
             self.last = last if now is not None and last is not None else now
             return None
         wall = now[0] - last[0]
-        return max(0.0, ((now[1] - last[1]) / self.hz - (now[2] - last[2])) / wall)
+        self.busy = max(0.0, ((now[1] - last[1]) / self.hz - (now[2] - last[2])) / wall)
+        return self.busy
+
+    @staticmethod
+    def runnable() -> int | None:
+        """Threads running or ready to run on the whole machine now (/proc/stat's procs_running)."""
+        try:
+            with open("/proc/stat", "rb") as f:
+                for line in f:
+                    if line.startswith(b"procs_running "):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    def read_queue(self, own: int, readings: int = 1) -> None:
+        """Note ``readings`` (2 ms apart) of the threads of other processes in the run queue: all
+        of it less this process's ``own`` threads. Busy time cannot see them: two cores are at
+        most two cores busy, however many threads wait for them."""
+        for i in range(readings):
+            n = self.runnable()
+            if n is None:
+                return
+            self.queue.append(max(0, n - own))
+            if i + 1 < readings:
+                time.sleep(0.002)
+
+    def queued(self) -> float:
+        """Threads of other processes that want a core: the median of the recent readings (a
+        process that starts for a moment moves it little), 0 before any."""
+        return float(sorted(self.queue)[len(self.queue) // 2]) if self.queue else 0.0
+
+    def one_thread_slowdown(self, queued: float = 0.0) -> float:
+        """How much slower one thread of work (the report's figures) runs than on a free core,
+        beside the cores others kept busy at the last reading or the ``queued`` threads of
+        others: the scheduler shares the cores evenly among everything that wants one."""
+        return max(1.0, (max(self.busy, queued) + 1.0) / self.cores)
 
     def threads(self, most: int) -> int | None:
         """The threads that the cores others leave free can run (1 to ``most``), or None when unknown."""
@@ -286,7 +329,20 @@ class Keeper:
     def check(self, step: int, epochs_done: int, now: float) -> int | None:
         """At a log interval: a new step count for the run, or None."""
         self.pace.mark(now, step)
+        if self.cores is not None:
+            self.cores.read_queue(self.threads_now or 1)
         pace = self.pace.seconds_per_step()
         if pace is None:
             return None
-        return self.plan.replan(step, epochs_done, pace, self.pace.epoch_end_seconds(), now - self.origin)
+        return self.plan.replan(step, epochs_done, pace, self.pace.epoch_end_seconds(), now - self.origin,
+                                self.report_slowdown(fresh=False))
+
+    def report_slowdown(self, fresh: bool = True) -> float:
+        """How much other processes slow the report down (1.0 where that cannot be read); ``fresh``:
+        read the cores' busy time now, where the last reading is old enough to measure over."""
+        if self.cores is None:
+            return 1.0
+        if fresh:
+            self.cores.others()
+            self.cores.read_queue(self.threads_now or 1, readings=5)
+        return self.cores.one_thread_slowdown(self.cores.queued())

@@ -9,7 +9,6 @@ wraps at MAX_COLUMNS."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -126,27 +125,18 @@ def plot_grid(ex: Explained, index: Sequence[int], classes: Sequence[str], label
               title: str, cols: int = 8) -> None:
     """A grid of overlays, each titled with its prediction (and the true label, mistakes in
     red) and its map's deletion AUC."""
-    n = max(1, len(index))
-    rows = math.ceil(n / cols)
-    fig = report.new_figure(cols * 1.5, rows * 1.85 + 0.4)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, i in zip(axes.flat, index):
-        overlay(ax, ex.images[i], ex.maps[i])
+    tiles = []
+    for i in index:
         pred = int(ex.logits[i].argmax())
         right = labels is None or pred == int(labels[i])
-        ax.set_title(f"{report.short(classes[pred])} ({float(ex.logits[i].softmax(0)[pred]):.2f})", fontsize=7,
-                     color="black" if labels is None else ("tab:green" if right else "tab:red"))
         note = f"del {float(ex.deletion[i]):.2f}/{float(ex.deletion_random[i]):.2f}"
         if labels is not None:
             note = f"true: {report.short(classes[int(labels[i])])}  " + note
-        ax.text(0.5, -0.08, note, fontsize=5.5, ha="center", va="top", transform=ax.transAxes,
-                color="black" if right else "tab:red")
-        if not right:
-            report.mark_mistake(ax)
-    fig.suptitle(title + "\n(del: deletion AUC of the map / of a random order; lower: more faithful)", fontsize=8)
-    report.save_png(fig, path)
+        tiles.append(report.Tile(ex.images[i], f"{report.short(classes[pred])} ({float(ex.logits[i].softmax(0)[pred]):.2f})",
+                                 note, "black" if labels is None else ("tab:green" if right else "tab:red"),
+                                 "black" if right else "tab:red", mistake=not right, heat=ex.maps[i]))
+    report.plot_tiles(tiles, path, title + "\n(del: deletion AUC of the map / of a random order; lower: more faithful)",
+                      cols, cell=(1.5, 1.85), sizes=(7, 5.5, 8), title_lines=2)
 
 
 def explain_files(predictor: Predictor, paths: Sequence[Path], out: Path, method: str = "gradient",

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -209,10 +210,72 @@ def new_figure(width: float, height: float):
     return fig
 
 
-def save_png(fig, path: Path, dpi: int = 110) -> None:
+def save_png(fig, path: Path, dpi: int = 110, tight: bool = True) -> None:
+    """``tight``: trim the margins to what was drawn (a second drawing of the figure). zlib at
+    level 3: half the time of the default 6 for files 13% larger (a heatmap grid, measured)."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight" if tight else None, pil_kwargs={"compress_level": 3})
     atomic_write_bytes(path, buf.getvalue())
+
+
+@dataclass
+class Tile:
+    """One image of a tile grid: uint8 (C, H, W) pixels, a heatmap (h, w) to lay over them or
+    None, a line above and a line below (with their colours), and a red frame for a mistake."""
+
+    image: torch.Tensor
+    above: str
+    below: str
+    above_color: str = "black"
+    below_color: str = "black"
+    mistake: bool = False
+    heat: torch.Tensor | None = None
+
+
+def tile_pixels(tile: Tile, side: int) -> np.ndarray:
+    """The tile as (side, side, 3) floats in [0, 1]: each pixel a sharp square (nearest), the
+    heatmap smooth (bilinear), min-max scaled and coloured with jet at 45% over the image."""
+    img = tile.image.float().div(255.0)
+    img = img.expand(3, -1, -1) if img.shape[0] == 1 else img
+    pixels = torch.nn.functional.interpolate(img[None], size=(side, side), mode="nearest-exact")[0]
+    if tile.heat is not None:
+        from matplotlib import colormaps
+
+        heat = torch.nn.functional.interpolate(tile.heat.float()[None, None], size=(side, side), mode="bilinear",
+                                               align_corners=False)[0, 0]
+        heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp_min(1e-12)
+        jet = torch.from_numpy(colormaps["jet"](heat.numpy())[..., :3]).float().permute(2, 0, 1)
+        pixels = 0.55 * pixels + 0.45 * jet
+    return pixels.permute(1, 2, 0).clamp(0, 1).numpy()
+
+
+def plot_tiles(tiles: Sequence[Tile], path: Path, title: str, cols: int = 8, cell: tuple[float, float] = (1.45, 1.7),
+               sizes: tuple[float, float, float] = (7, 6, 9), title_lines: int = 1, dpi: int = 110) -> None:
+    """A grid of images, each with a line above and below, drawn as one picture on one axis:
+    32 small axes took four times as long to draw (0.56 s against 0.14 s), at every run's end."""
+    from matplotlib.patches import Rectangle
+
+    rows = max(1, math.ceil(len(tiles) / cols))
+    cw, ch = round(cell[0] * dpi), round(cell[1] * dpi)
+    side = min(cw - 10, ch - round(0.5 * dpi))  # room for a line of text above and below
+    canvas = np.ones((rows * ch, cols * cw, 3), dtype=np.float32)
+    band = 0.2 + 0.15 * title_lines  # inches above the grid for the title
+    fig = new_figure(cols * cell[0], rows * cell[1] + band)
+    ax = fig.add_axes((0, 0, 1, rows * cell[1] / (rows * cell[1] + band)))
+    for i, tile in enumerate(tiles):
+        r, c = divmod(i, cols)
+        x0, y0 = c * cw + (cw - side) // 2, r * ch + (ch - side) // 2
+        canvas[y0:y0 + side, x0:x0 + side] = tile_pixels(tile, side)
+        ax.text(x0 + side / 2, y0 - 3, tile.above, fontsize=sizes[0], color=tile.above_color, ha="center", va="bottom")
+        ax.text(x0 + side / 2, y0 + side + 3, tile.below, fontsize=sizes[1], color=tile.below_color, ha="center",
+                va="top")
+        if tile.mistake:
+            ax.add_patch(Rectangle((x0 - 1.5, y0 - 1.5), side + 2, side + 2, fill=False, edgecolor="tab:red",
+                                   linewidth=2))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_axis_off()
+    fig.suptitle(title, fontsize=sizes[2], y=1 - 0.08 / (rows * cell[1] + band), va="top")
+    save_png(fig, path, dpi=dpi, tight=False)
 
 
 def plot_curves(rows: Sequence[dict[str, float]], path: Path, title: str) -> None:
@@ -246,36 +309,16 @@ def show_image(ax, image: torch.Tensor) -> None:
               interpolation="nearest")
 
 
-def mark_mistake(ax) -> None:
-    for spine in ax.spines.values():
-        spine.set_visible(True)
-        spine.set_color("tab:red")
-        spine.set_linewidth(2)
-    ax.axis("on")
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def plot_predictions(images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, probs: torch.Tensor,
                      classes: Sequence[str], path: Path, title: str, cols: int = 8) -> None:
     """A grid of test images titled 'pred (p)' with the true label below; mistakes in red."""
-    n = len(images)
-    rows = max(1, math.ceil(n / cols))
-    fig = new_figure(cols * 1.45, rows * 1.7)
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, ax in enumerate(axes.flat[:n]):
-        show_image(ax, images[i])
+    tiles = []
+    for i in range(len(images)):
         right = int(preds[i]) == int(labels[i])
-        color = "tab:green" if right else "tab:red"
-        ax.set_title(f"{short(classes[int(preds[i])])} ({float(probs[i]):.2f})", fontsize=7, color=color)
-        ax.text(0.5, -0.1, f"true: {short(classes[int(labels[i])])}", fontsize=6, ha="center", va="top",
-                transform=ax.transAxes, color="black" if right else "tab:red")
-        if not right:
-            mark_mistake(ax)
-    fig.suptitle(title + "   (red: mistakes)", fontsize=9)
-    save_png(fig, path)
+        tiles.append(Tile(images[i], f"{short(classes[int(preds[i])])} ({float(probs[i]):.2f})",
+                          f"true: {short(classes[int(labels[i])])}", "tab:green" if right else "tab:red",
+                          "black" if right else "tab:red", mistake=not right))
+    plot_tiles(tiles, path, title + "   (red: mistakes)", cols)
 
 
 def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], path: Path, title: str) -> None:

@@ -60,7 +60,7 @@ def finish_run(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: Co
     }
     if compute.main:
         write_report(folder, setup, data, compute, state, budget, results, test_logits, chosen, extra, train_seconds,
-                     session_seconds)
+                     session_seconds, log)
         log("\n" + report.results_table(results))
         used = (f", time budget {cfg.time_budget}: {format_duration(time.perf_counter() - budget.origin)} used"
                 if cfg.time_budget else "")
@@ -71,8 +71,9 @@ def finish_run(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: Co
 
 
 def write_figures(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: Compute, state: TrainState,
-                  probs: torch.Tensor, preds: torch.Tensor, confusion: torch.Tensor, title: str) -> None:
-    """loss_curve.png, predictions.png, attention.png and confusion.png."""
+                  probs: torch.Tensor, preds: torch.Tensor, confusion: torch.Tensor, title: str,
+                  explain: bool) -> None:
+    """loss_curve.png, predictions.png, confusion.png and (``explain``) attention.png."""
     if state.rows:
         report.plot_curves(state.rows, folder.dir / "loss_curve.png", title)
     # The grid: the first test images, then the first mistakes among the rest (up to 8).
@@ -81,19 +82,33 @@ def write_figures(folder: RunFolder, setup: Setup, data: DatasetSplits, compute:
     show = torch.cat([first, wrong[wrong >= len(first)][:32 - len(first)]])
     report.plot_predictions(data.test.images[show], data.test.labels[show], preds[show], probs[show],
                             data.classes, folder.dir / "predictions.png", title)
-    predictor = Predictor(setup.meta, setup.model, setup.normalize, compute.device, compute.amp_dtype)
-    explained = explain_images(predictor, data.test.images[show], "gradient")
-    plot_grid(explained, range(len(show)), data.classes, data.test.labels[show], folder.dir / "attention.png",
-              f"{title}: where it looks (gradient-weighted attention)")
     report.plot_confusion(confusion, data.classes, folder.dir / "confusion.png", title)
+    if explain:
+        predictor = Predictor(setup.meta, setup.model, setup.normalize, compute.device, compute.amp_dtype)
+        explained = explain_images(predictor, data.test.images[show], "gradient")
+        plot_grid(explained, range(len(show)), data.classes, data.test.labels[show], folder.dir / "attention.png",
+                  f"{title}: where it looks (gradient-weighted attention)")
+
+
+def explanations(folder: RunFolder, budget: TimeBudget, log: Callable[[str], None]) -> tuple[bool, str]:
+    """Whether attention.png is drawn (a time budget may have no room left for it), and what
+    results.md says in its place where it is not."""
+    skipped = (f"no room left in the time budget; `vitlab explain {printable(folder.dir / 'best')} --split test` "
+               "explains test images later")
+    if budget.explanations_fit():
+        return True, skipped
+    log(f"time budget: attention.png left out ({skipped})")
+    return False, skipped
 
 
 def write_report(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: Compute, state: TrainState,
                  budget: TimeBudget, results: dict, test_logits: torch.Tensor, chosen: Path, extra: dict,
-                 train_seconds: float, session_seconds: float) -> None:
-    """results.md (+ results.json), loss_curve.png, predictions.png, attention.png and
-    confusion.png, the TensorBoard summary; then the tidy-up."""
+                 train_seconds: float, session_seconds: float, log: Callable[[str], None]) -> None:
+    """results.md (+ results.json), loss_curve.png, predictions.png, attention.png (left out
+    where a time budget has no room left for it) and confusion.png, the TensorBoard summary;
+    then the tidy-up."""
     cfg, model = folder.cfg, setup.model
+    explain, skipped = explanations(folder, budget, log)
     title = f"{cfg.dataset}: ViT {cfg.depth}x{cfg.dim}, patch {model.cfg.patch_size}"
     probs, preds = test_logits.softmax(1).max(1)
     confusion = metrics.confusion_matrix(preds, data.test.labels, len(data.classes))
@@ -112,9 +127,9 @@ def write_report(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: 
             "; timed: " + ", ".join(f"{k} {v:.1f} ms" for k, v in choice.ms.items()) if choice and choice.ms else ""),
         "code": code,
         "config": CONFIG,
-        "figures": "[loss_curve.png](loss_curve.png), [predictions.png](predictions.png), "
-                   "[attention.png](attention.png) (where it looks: gradient-weighted attention of the same images), "
-                   "[confusion.png](confusion.png)",
+        "figures": "[loss_curve.png](loss_curve.png), [predictions.png](predictions.png), " + (
+            "[attention.png](attention.png) (where it looks: gradient-weighted attention of the same images), "
+            if explain else f"no attention.png ({skipped}), ") + "[confusion.png](confusion.png)",
     }
     recall, balanced = metrics.per_class_recall(confusion), metrics.balanced_accuracy(confusion)
     facts["balanced accuracy (test)"] = f"{balanced:.4f} (the mean of the per-class recalls below)"
@@ -134,9 +149,10 @@ def write_report(folder: RunFolder, setup: Setup, data: DatasetSplits, compute: 
         "classes": list(data.classes), "confusion": confusion.tolist(), "time_budget": budget_record,
         "kernels": choice.to_dict() if choice else None, "code": code, "balanced_test_acc": balanced,
         "per_class_recall": recall.tolist(), "init_from": setup.origin or None})
-    write_figures(folder, setup, data, compute, state, probs, preds, confusion, title)
+    write_figures(folder, setup, data, compute, state, probs, preds, confusion, title, explain)
     if folder.board is not None:
-        folder.board.report({name: folder.dir / f"{name}.png" for name in ("predictions", "attention", "confusion")},
+        figures = ("predictions", "attention", "confusion") if explain else ("predictions", "confusion")
+        folder.board.report({name: folder.dir / f"{name}.png" for name in figures},
                             cfg.to_dict(), {metrics.RESULTS[0].column: float(extra.get("val_acc") or 0.0),
                                             metrics.TEST_ACC.column: results["Test"][1],
                                             metrics.TEST_LOSS.column: results["Test"][0]}, state.step)

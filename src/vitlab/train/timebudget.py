@@ -90,6 +90,15 @@ class TimeBudget:
         """Seconds of the budget used, the rest of the report included."""
         return time.perf_counter() - self.origin + REPORT_TAIL
 
+    def explanations_fit(self) -> bool:
+        """Whether attention.png, the report's costliest figure, still fits in the budget: the
+        report's fixed part, slowed by the processes beside it, must end by then. Without a
+        budget, always."""
+        if self.plan is None:
+            return True
+        slowdown = self.keeper.report_slowdown() if self.keeper is not None else 1.0
+        return self.used() + budgets.REPORT_SECONDS * slowdown <= self.plan.budget
+
     def report(self, cfg: TrainConfig, steps: int) -> tuple[dict | None, str | None]:
         """(results.json's ``time_budget``, results.md's line) of a finished run."""
         if not cfg.time_budget:
