@@ -129,7 +129,7 @@ def mean_std(values: list[float], places: int | None = None) -> str:
 
 
 def table(runs: list[dict], targets: list[float]) -> str:
-    head = ["seed", "epochs", "test acc", "best val acc", *[f"s to val {t:.2f}" for t in targets], "wall s",
+    head = ["seed", "epochs", "test acc", "best val acc", *[f"s to val {t:g}" for t in targets], "wall s",
             "bf16 GFLOP/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:

@@ -104,7 +104,7 @@ def test_speedrun_times_each_target_per_seed_and_summarises_them(tmp_path):
     first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     rows = [line for line in first.stdout.splitlines() if line.startswith("| ")]
-    assert rows[0].startswith("| seed | epochs | test acc | best val acc | s to val 0.30 | s to val 1.00 |")
+    assert rows[0].startswith("| seed | epochs | test acc | best val acc | s to val 0.3 | s to val 0.999 |")
     assert rows[1].startswith("| 0 | 6 |") and rows[2].startswith("| 1 | 6 |")
     assert "(2/2) | - (0/2) |" in rows[3]  # 0.3 reached by both seeds, 0.999 by none
     record = json.loads((tmp_path / "digits-t" / "seed0" / "speedrun.json").read_text())

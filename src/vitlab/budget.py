@@ -7,10 +7,11 @@ A budget is a wall-clock promise, and a machine shared with other work changes s
 a run trains. So the plan made at the start is a first guess: :class:`Keeper` watches the
 pace the run keeps (seconds per step over a recent window, epoch ends measured apart) at
 every log interval, predicts the end from it (the final report slowed by as much as the
-steps are), and re-plans the step count whenever the prediction leaves the budget. Where
-other processes keep cores busy (Linux: /proc/stat against this process's own CPU time), it
-also trains on the cores that are free: a step whose threads wait for a busy core runs
-slower on two threads than on one (benchmarks/busy_machine.py).
+steps are, or as the run queue says one thread is), and re-plans the step count whenever
+the prediction leaves the budget. Where other processes keep cores busy (Linux: /proc/stat
+against this process's own CPU time), it also trains on the cores that are free: a step
+whose threads wait for a busy core runs slower on two threads than on one
+(benchmarks/busy_machine.py).
 """
 
 from __future__ import annotations
