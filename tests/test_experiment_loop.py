@@ -169,8 +169,9 @@ def test_the_report_is_taken_to_slow_down_as_one_thread_among_the_processes_besi
     plan = budgets.plan(100.0, 0.1, 1e-3, 100, 1000, 0, 1, 1, max_steps=10**9, since=time.perf_counter())
     assert plan.replan(90, 0, 0.1, None, 9.0, report_slowdown=1.0) is None  # on pace, nobody beside it
     # the steps keep their pace on the thread left free, but the report's one thread shares the cores with the
-    # others: twice as slow (11.664 s). 763 steps (8 epoch ends) end at 95.964 s; 764 at 96.064 s
-    assert plan.replan(90, 0, 0.1, None, 9.0, report_slowdown=2.0) == 763
+    # others: its fixed part twice as slow, its evaluation as fast as the steps (0.832 + 10 s). 771 steps (8 epoch
+    # ends) end at 9 + 68.1 + 8 + 10.832 = 95.932 s; 772 at 96.032 s
+    assert plan.replan(90, 0, 0.1, None, 9.0, report_slowdown=2.0) == 771
     share = budgets.CoreShare()
     share.cores = 2
     for busy, queued, slowdown in ((0.0, 0, 1.0), (1.0, 0, 1.0), (3.0, 0, 2.0), (1.8, 5, 3.0), (0.0, 3, 2.0)):
@@ -228,6 +229,11 @@ def test_the_pace_leaves_epoch_ends_out_and_forgets_old_steps():
     for t in range(9, 40):  # a slower machine: 0.5 s a step from here
         pace.mark(t, 30 + 2 * (t - 8))
     assert pace.seconds_per_step() == pytest.approx(0.5)  # the window holds only recent steps
+    pace.restart()  # another thread count from now: nothing before it counts, the last mark neither
+    pace.mark(40.0, 70)
+    assert pace.seconds_per_step() is None
+    pace.mark(42.0, 90)
+    assert pace.seconds_per_step() == pytest.approx(0.1)
 
 
 def test_other_processes_on_the_cores_are_seen_and_leave_one_thread(tmp_path):
