@@ -197,6 +197,30 @@ def test_the_run_queue_counts_the_threads_of_other_processes(tmp_path):
     assert share.one_thread_slowdown(queued) >= (share.cores + 2) / share.cores
 
 
+def test_a_budget_run_chooses_its_threads_before_timing_its_steps(tmp_path, monkeypatch):
+    """Other processes busy since the start, as the `vitlab` command's CoreShare has seen them from
+    the process start: the steps are timed, and trained, on the cores they leave free (timed on
+    threads that wait for busy cores, a plan came out ten times too short)."""
+    def busy(share):
+        share.busy = 1.6
+        return share.busy
+
+    monkeypatch.setattr(budgets.CoreShare, "others", busy)
+    monkeypatch.setattr(budgets, "_cli_share", budgets.CoreShare())
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run = train(default_config().replace(out=str(tmp_path), name="t", time_budget="10s", **TINY), **QUIET).run_dir
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    cores = budgets.CoreShare().cores
+    if cores == 2:
+        assert "before the calibration: other processes kept 1.6 of 2 cores busy, so 1 thread(s) instead of 2" in (
+            run / "config.yaml").read_text()
+    assert used == max(1, min(2, int(cores - 1.6 + 0.5)))
+
+
 def test_a_budget_with_no_room_left_for_the_attention_figure_leaves_it_out(tmp_path, monkeypatch):
     """Fifty cores' worth of other processes, as /proc/stat would show them: the run re-plans to end
     where it is, and the report draws what it must (the table, the curves, the predictions) but

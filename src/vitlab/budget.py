@@ -63,12 +63,21 @@ def format_duration(seconds: float) -> str:
 
 
 _cli_origin: float | None = None  # time.perf_counter() at the start of this `vitlab` process
+_cli_share: "CoreShare | None" = None  # the cores' use, read from the start of this `vitlab` process
 
 
 def start_at_process_start() -> None:
-    """Called by the `vitlab` command: budgets count from the start of the process."""
-    global _cli_origin
+    """Called by the `vitlab` command: budgets count from the start of the process, and the
+    cores' use by others is measured from here, so that a budget run can choose its threads
+    before it times its steps."""
+    global _cli_origin, _cli_share
     _cli_origin = time.perf_counter() - process_age()
+    _cli_share = CoreShare()
+
+
+def early_share() -> "CoreShare | None":
+    """The CoreShare that has watched the cores since the `vitlab` process started (None from Python)."""
+    return _cli_share
 
 
 def origin() -> float:
@@ -308,13 +317,14 @@ class CoreShare:
 class Keeper:
     """A --time-budget run's watch on its own pace: re-plans its length, and its thread count."""
 
-    def __init__(self, plan: Plan, origin: float, threads: int | None):
+    def __init__(self, plan: Plan, origin: float, threads: int | None, share: CoreShare | None = None,
+                 threads_now: int | None = None):
         self.plan = plan
         self.origin = origin  # the time.perf_counter() the budget counts from
         self.pace = Pace(max(MIN_SECONDS, WINDOW * plan.budget), max(MIN_SECONDS, MIN_SPAN * plan.budget))
         self.most_threads = threads  # None: the thread count is the user's (--threads) or the job's
-        self.cores = CoreShare() if threads else None
-        self.threads_now = threads
+        self.cores = (share or CoreShare()) if threads else None
+        self.threads_now = threads_now or threads  # fewer where chosen before the calibration
 
     def start(self, now: float, step: int) -> None:
         self.pace.mark(now, step)

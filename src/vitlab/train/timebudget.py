@@ -42,9 +42,16 @@ class TimeBudget:
         """Calibrate and plan (the writing process; every rank gets the plan)."""
         if not cfg.time_budget or resumed:
             return cls(origin)
-        plan = compute.by_main(lambda: plan_budget(cfg, setup, data, compute, origin))
         threads = None if cfg.threads or compute.dist.world > 1 else torch.get_num_threads()
-        return cls(origin, plan, Keeper(plan, origin, threads) if compute.main else None)
+        share, now = budgets.early_share() if threads else None, threads
+        if share is not None:  # other processes busy since the start: time the steps on the cores they leave
+            now = share.threads(threads) or threads
+            torch.set_num_threads(now)
+        plan = compute.by_main(lambda: plan_budget(cfg, setup, data, compute, origin))
+        if now != threads:
+            plan.revisions.insert(0, f"before the calibration: other processes kept {share.busy:.1f} of "
+                                     f"{share.cores} cores busy, so {now} thread(s) instead of {threads}")
+        return cls(origin, plan, Keeper(plan, origin, threads, share, now) if compute.main else None)
 
     def shape(self, cfg: TrainConfig, steps_per_epoch: int) -> TrainConfig:
         """``cfg`` with the planned length (and a warmup that fits in it)."""
